@@ -1,0 +1,73 @@
+"""Shared fixtures: real MariaDB databases, SQLite files, and (in tests/prefect_fixtures.py) a
+real local Prefect server.
+
+MariaDB is reached at ``CTRL_TEST_MYSQL_URL`` (default ``mysql+pymysql://ctrl:ctrl@127.0.0.1:3306``,
+the user `.ci/run` creates). Each session gets its own database, dropped at the end, so runs
+never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+MYSQL_SERVER_URL = os.environ.get("CTRL_TEST_MYSQL_URL", "mysql+pymysql://ctrl:ctrl@127.0.0.1:3306")
+
+
+def _new_mysql_database(prefix: str) -> tuple[str, sa.Engine]:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(f"{MYSQL_SERVER_URL}/?charset=utf8mb4")
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    return f"{MYSQL_SERVER_URL}/{name}?charset=utf8mb4", admin
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> Iterator[str]:
+    """A fresh MariaDB database with the control-plane schema, for the whole session."""
+    from tasks.db.schema import init_schema
+
+    url, admin = _new_mysql_database("ctrl_test")
+    init_schema(url)
+    try:
+        yield url
+    finally:
+        from tasks.db.engine import dispose_engines
+
+        dispose_engines()
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{url.rsplit('/', 1)[1].split('?')[0]}`")
+        admin.dispose()
+
+
+@pytest.fixture
+def empty_mysql_url() -> Iterator[str]:
+    """A fresh, empty MariaDB database (no tables) for one test."""
+    url, admin = _new_mysql_database("ctrl_empty")
+    try:
+        yield url
+    finally:
+        from tasks.db.engine import dispose_engines
+
+        dispose_engines()
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{url.rsplit('/', 1)[1].split('?')[0]}`")
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """A path for a fresh SQLite database file (no tables yet)."""
+    return f"sqlite:///{tmp_path / 'ctrl.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _no_unkey_env(monkeypatch) -> None:
+    """Tests never pick up the developer's UNKEY_* variables or .env file."""
+    for name in list(os.environ):
+        if name.startswith("UNKEY_"):
+            monkeypatch.delenv(name)
