@@ -40,7 +40,9 @@ def mysql_url() -> Iterator[str]:
 
         dispose_engines()
         with admin.begin() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{url.rsplit('/', 1)[1].split('?')[0]}`")
+            connection.exec_driver_sql(
+                f"DROP DATABASE IF EXISTS `{url.rsplit('/', 1)[1].split('?')[0]}`"
+            )
         admin.dispose()
 
 
@@ -55,7 +57,9 @@ def empty_mysql_url() -> Iterator[str]:
 
         dispose_engines()
         with admin.begin() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{url.rsplit('/', 1)[1].split('?')[0]}`")
+            connection.exec_driver_sql(
+                f"DROP DATABASE IF EXISTS `{url.rsplit('/', 1)[1].split('?')[0]}`"
+            )
         admin.dispose()
 
 

@@ -10,7 +10,9 @@ of a secret: ``collect_problems()`` is what ``ctrl-worker check-config`` prints,
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 from functools import cached_property
 from pathlib import Path
@@ -39,9 +41,13 @@ def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            import json
-
-            return json.loads(text)
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                # The decoder's own message points at a column of the value; say what is wanted.
+                raise ValueError(
+                    "must be comma-separated names or a JSON list of strings"
+                ) from None
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
 
@@ -230,9 +236,7 @@ class Settings(BaseSettings):
                 f"{env_name('database_primary')} must be a mysql+pymysql:// or sqlite:/// URL"
             )
         if self.http_port and self.http_port == self.prometheus_port:
-            found.append(
-                f"{env_name('prometheus_port')} must differ from {env_name('http_port')}"
-            )
+            found.append(f"{env_name('prometheus_port')} must differ from {env_name('http_port')}")
         return found
 
 
@@ -244,17 +248,42 @@ def _validation_problems(error: ValidationError) -> list[str]:
     problems = []
     for err in error.errors(include_input=False, include_url=False):
         field = str(err["loc"][0]) if err["loc"] else "?"
-        problems.append(f"{env_name(field)}: {err['msg']}")
+        # A list item's position (`UNKEY_AVAILABLE_REGIONS[1]`), so each item's problem is told.
+        item = "".join(f"[{part}]" for part in err["loc"][1:])
+        problems.append(f"{env_name(field)}{item}: {err['msg']}")
     return problems
 
 
 def collect_problems(**overrides: Any) -> tuple[Settings | None, list[str]]:
-    """Load the settings and return them with every problem found (type errors and rules)."""
+    """Load the settings and return them with every problem found (type errors and rules).
+
+    Returns:
+        The settings (``None`` when a variable has the wrong type) and every problem found.
+    """
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        return None, _validation_problems(exc)
+        problems = _validation_problems(exc)
+        return None, problems + _rule_problems_besides(exc, overrides)
     return settings, settings.problems()
+
+
+def _rule_problems_besides(error: ValidationError, overrides: dict[str, Any]) -> list[str]:
+    # A type error must not hide the rules the other variables break: `check-config` lists every
+    # problem in one run. The rules run with each invalid variable at its default, and a rule
+    # that names an invalid variable is left out (it would judge a value nobody set).
+    invalid = {str(err["loc"][0]) for err in error.errors(include_input=False) if err["loc"]}
+    defaults = {
+        name: Settings.model_fields[name].get_default(call_default_factory=True)
+        for name in invalid
+        if name in Settings.model_fields
+    }
+    try:
+        fallback = Settings(**{**overrides, **defaults})
+    except ValidationError:
+        return []
+    names = [re.compile(rf"\b{re.escape(env_name(name))}\b") for name in invalid]
+    return [p for p in fallback.problems() if not any(n.search(p) for n in names)]
 
 
 def load_settings(**overrides: Any) -> Settings:

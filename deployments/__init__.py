@@ -1,0 +1,73 @@
+"""The catalogue of deployments: the single list that ``ctrl-worker run`` serves and that
+``prefect.yaml`` must match (a test checks it).
+
+Every service call is deployed as ``<flow name>/ctrl``; crons carry their schedule (UTC).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import Flow
+
+__all__ = ["CATALOGUE", "DEPLOYMENT_NAME", "DeploymentSpec", "by_flow_name"]
+
+DEPLOYMENT_NAME = "ctrl"
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One deployment: which flow, under which name, on which schedule."""
+
+    entrypoint: str  # "flows/versioning.py:next_version" (prefect.yaml's form)
+    cron: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def module(self) -> str:
+        return self.entrypoint.split(":")[0].removesuffix(".py").replace("/", ".")
+
+    @property
+    def function(self) -> str:
+        return self.entrypoint.split(":")[1]
+
+    @property
+    def flow_name(self) -> str:
+        # Every service flow is named after its function (worker.service.service_flow).
+        return self.function
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.flow_name}/{DEPLOYMENT_NAME}"
+
+    def load(self) -> Flow[..., Any]:
+        flow = getattr(importlib.import_module(self.module), self.function)
+        if not isinstance(flow, Flow):
+            raise TypeError(f"{self.entrypoint} is not a Prefect flow")
+        return flow
+
+
+CATALOGUE: tuple[DeploymentSpec, ...] = (
+    DeploymentSpec("flows/versioning.py:next_version"),
+    DeploymentSpec("flows/versioning.py:get_version"),
+    DeploymentSpec("flows/deployment.py:schedule_desired_state_change"),
+    DeploymentSpec("flows/deployment.py:change_desired_state"),
+    DeploymentSpec("flows/deployment.py:clear_scheduled_state_changes"),
+    DeploymentSpec("flows/routing.py:assign_frontline_routes"),
+)
+
+
+def by_flow_name(name: str) -> DeploymentSpec:
+    """The catalogue entry of a flow.
+
+    Raises:
+        KeyError: no such flow in the catalogue (the message lists the known ones).
+    """
+    for spec in CATALOGUE:
+        if spec.flow_name == name:
+            return spec
+    known = ", ".join(spec.flow_name for spec in CATALOGUE)
+    raise KeyError(f"unknown flow '{name}' (known: {known})")

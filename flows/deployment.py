@@ -1,0 +1,131 @@
+"""DeploymentService: desired-state changes of one deployment, last writer wins.
+
+Guarantees: changes of one deployment run one at a time (key ``deployment:{deployment_id}``).
+``schedule_desired_state_change`` records a new nonce as the deployment's pending transition
+(superseding any older one) and sends ``change_desired_state`` for it, delayed by
+``delay_millis`` as a scheduled flow run; the superseded scheduled run is cancelled, and even
+if it already started it changes nothing because its nonce no longer matches.
+``change_desired_state`` applies the change only for the pending nonce: it writes
+``deployments.desired_state`` and every region's topology status, each with a new version.
+``clear_scheduled_state_changes`` drops the pending transition and cancels its run.
+Side-effect steps: ``set_transition``, ``send_call``, ``cancel_scheduled_run``,
+``apply_desired_state``, ``take_version``, ``update_topology_status``, ``clear_transition``.
+Failure: an unknown state or bad id is terminal before anything is written; changing the
+project's live deployment is refused (terminal, the transition stays); a deployment deleted
+in the meantime makes the change a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field
+
+from flows.params import Id, Params
+from tasks.db.transitions import (
+    apply_desired_state,
+    clear_transition,
+    find_deployment_regions,
+    read_transition,
+    remember_scheduled_run,
+    set_transition,
+    update_topology_status,
+)
+from tasks.db.versions import take_version
+from tasks.ids import new_nonce
+from tasks.runs import cancel_scheduled_run, send_call
+from worker.service import critical_section, parse, service_flow
+
+__all__ = [
+    "change_desired_state",
+    "clear_scheduled_state_changes",
+    "schedule_desired_state_change",
+]
+
+DesiredState = Literal["running", "standby", "archived"]
+# The original's enum names are accepted too (DESIRED_STATE_RUNNING, RUNNING).
+_ALIASES = {
+    f"{p}{s.upper()}": s for s in ("running", "standby", "archived") for p in ("", "DESIRED_STATE_")
+}
+
+# topology desired_status for each desired state (reference §3).
+TOPOLOGY_STATUS = {"running": "started", "standby": "stopped", "archived": "stopped"}
+
+MAX_DELAY_MILLIS = 90 * 24 * 3600 * 1000
+
+
+def _state_alias(value: object) -> object:
+    return _ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+State = Annotated[DesiredState, BeforeValidator(_state_alias)]
+
+
+class ScheduleParams(Params):
+    deployment_id: Id
+    state: State
+    delay_millis: int = Field(default=0, ge=0, le=MAX_DELAY_MILLIS)
+
+
+class ChangeParams(Params):
+    deployment_id: Id
+    nonce: Annotated[str, Field(min_length=1, max_length=64)]
+    state: State
+
+
+class ClearParams(Params):
+    deployment_id: Id
+
+
+def _key(deployment_id: str) -> str:
+    return f"deployment:{deployment_id}"
+
+
+@service_flow("schedule_desired_state_change")
+async def schedule_desired_state_change(
+    deployment_id: str, state: str, delay_millis: int = 0
+) -> None:
+    """Schedule a desired-state change of a deployment (0 ms = now); newer schedules win."""
+    params = parse(
+        ScheduleParams, deployment_id=deployment_id, state=state, delay_millis=delay_millis
+    )
+    async with critical_section(_key(params.deployment_id)):
+        nonce = new_nonce()
+        superseded = set_transition(params.deployment_id, nonce, params.state)
+        run_id = await send_call(
+            "change_desired_state",
+            {"deployment_id": params.deployment_id, "nonce": nonce, "state": params.state},
+            idempotency_key=f"change-desired-state-{nonce}",
+            delay_millis=params.delay_millis,
+        )
+        remember_scheduled_run(params.deployment_id, nonce, run_id)
+        if superseded:
+            await cancel_scheduled_run(superseded, f"superseded by transition {nonce}")
+
+
+@service_flow("change_desired_state")
+async def change_desired_state(deployment_id: str, nonce: str, state: str) -> None:
+    """Apply a scheduled desired-state change if ``nonce`` is still the pending one."""
+    params = parse(ChangeParams, deployment_id=deployment_id, nonce=nonce, state=state)
+    async with critical_section(_key(params.deployment_id)):
+        pending = read_transition(params.deployment_id)
+        if pending is None or pending.nonce != params.nonce:
+            return  # cleared or superseded: the newer call decides
+        if not apply_desired_state(params.deployment_id, params.state):
+            clear_transition(params.deployment_id, params.nonce)
+            return  # the deployment was deleted meanwhile: nothing to change
+        status = TOPOLOGY_STATUS[params.state]
+        for region in find_deployment_regions(params.deployment_id):
+            version = take_version(region, purpose="topology")
+            update_topology_status(params.deployment_id, region, status, version)
+        clear_transition(params.deployment_id, params.nonce)
+
+
+@service_flow("clear_scheduled_state_changes")
+async def clear_scheduled_state_changes(deployment_id: str) -> None:
+    """Drop the deployment's pending desired-state change and cancel its scheduled run."""
+    params = parse(ClearParams, deployment_id=deployment_id)
+    async with critical_section(_key(params.deployment_id)):
+        scheduled = clear_transition(params.deployment_id)
+        if scheduled:
+            await cancel_scheduled_run(scheduled, "scheduled state changes cleared")

@@ -1,0 +1,152 @@
+"""The ``ctrl-worker`` command line: run, check-config, db init, trigger.
+
+Imports stay lazy: Prefect reads its settings on import, so the API URL must be in the
+environment first, and ``check-config`` should answer without importing Prefect at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import timedelta
+from typing import Any
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctrl-worker",
+        description="The control-plane worker (Prefect). Configuration: UNKEY_* variables or .env.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="start the worker (serves every deployment of the catalogue)")
+    commands.add_parser("check-config", help="validate the configuration; exit 1 on any problem")
+    db = commands.add_parser("db", help="control-plane database commands")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("init", help="create the control-plane tables (idempotent)")
+    trigger = commands.add_parser("trigger", help="start a service call through the Prefect API")
+    trigger.add_argument("flow", help="flow function name, e.g. next_version")
+    trigger.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a parameter; V is parsed as JSON when it parses, else taken as a string",
+    )
+    trigger.add_argument("--idempotency-key", default=None)
+    trigger.add_argument("--wait", action="store_true", help="wait and print the result as JSON")
+    trigger.add_argument(
+        "--in",
+        dest="delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start the run this many seconds from now",
+    )
+    return parser
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (JSON when it parses)."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--param {pair!r}: expected K=V")
+        try:
+            params[name] = json.loads(raw)
+        except ValueError:
+            params[name] = raw
+    return params
+
+
+def _check_config() -> int:
+    from worker.settings import collect_problems
+
+    _, problems = collect_problems()
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return EXIT_FAILED
+    print("configuration ok")
+    return EXIT_OK
+
+
+def _db_init() -> int:
+    from tasks.db.schema import init_schema
+    from worker.settings import load_settings
+
+    created = init_schema(load_settings().database_url())
+    print(f"created {len(created)} table(s)" + (f": {', '.join(created)}" if created else ""))
+    return EXIT_OK
+
+
+def _trigger(args: argparse.Namespace) -> int:
+    from worker import prefect_env
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    params = parse_params(args.param)
+    api_url = prefect_env.resolve_api_url(settings)
+    env = prefect_env.worker_env(settings, api_url)
+    prefect_env.apply({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")})
+
+    from deployments import by_flow_name
+    from worker.client import FlowRunFailed, trigger
+    from worker.clock import now
+
+    try:
+        by_flow_name(args.flow)
+    except KeyError as exc:
+        print(exc.args[0], file=sys.stderr)
+        return EXIT_USAGE
+    scheduled = now() + timedelta(seconds=args.delay) if args.delay else None
+    try:
+        result = asyncio.run(
+            trigger(
+                args.flow,
+                params,
+                idempotency_key=args.idempotency_key,
+                wait=args.wait,
+                scheduled_time=scheduled,
+            )
+        )
+    except FlowRunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(result, default=str) if args.wait else result)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ctrl-worker`` console script."""
+    args = _parser().parse_args(argv)
+    from worker.errors import ConfigError, CtrlError
+
+    try:
+        if args.command == "check-config":
+            return _check_config()
+        if args.command == "db":
+            return _db_init()
+        if args.command == "trigger":
+            return _trigger(args)
+        from worker.runtime import run_worker
+        from worker.settings import load_settings
+
+        return run_worker(load_settings())
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ConfigError, CtrlError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The client for API-triggered runs: how the control API calls the worker.
+
+One typed async function per service call. Each creates a flow run of the call's deployment
+(``<flow>/ctrl``) through the Prefect API::
+
+    run_id = await next_version("us-east-1.aws", idempotency_key=request_id)      # fire and forget
+    version = await next_version("us-east-1.aws", wait=True)                       # the result
+
+Idempotency (Restate's ingress idempotency key): the same key returns the same flow run, and
+its parameters are those of the first call. If that run ended ``Failed``, ``Crashed`` or
+``Cancelled``, calling again with the key runs it again (a new attempt of the same flow run):
+its finished steps replay from their records, only the rest executes.
+
+``wait=True`` returns the flow's result or raises ``FlowRunFailed`` with the run's message.
+``scheduled_time`` delays the start (Restate's delayed send).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.exceptions import ObjectNotFound
+from prefect.states import AwaitingRetry, Scheduled
+
+from deployments import by_flow_name
+from worker.errors import CtrlError, NotFoundError
+
+__all__ = [
+    "FlowRunFailed",
+    "assign_frontline_routes",
+    "change_desired_state",
+    "clear_scheduled_state_changes",
+    "get_version",
+    "next_version",
+    "schedule_desired_state_change",
+    "submit",
+    "trigger",
+    "wait_for_result",
+]
+
+_RERUNNABLE = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
+_deployment_ids: dict[str, UUID] = {}
+
+
+class FlowRunFailed(CtrlError):
+    """A waited-for run ended without completing; the message is the run's own."""
+
+    def __init__(self, flow_run_id: UUID, state_name: str, message: str) -> None:
+        self.flow_run_id = flow_run_id
+        self.state_name = state_name
+        super().__init__(f"flow run {flow_run_id} ended {state_name}: {message}")
+
+
+async def _deployment_id(client: PrefectClient, flow_name: str) -> UUID:
+    spec = by_flow_name(flow_name)
+    cached = _deployment_ids.get(spec.full_name)
+    if cached is not None:
+        return cached
+    try:
+        deployment = await client.read_deployment_by_name(spec.full_name)
+    except ObjectNotFound:
+        raise NotFoundError(
+            f"deployment '{spec.full_name}' not found: is a worker (`ctrl-worker run`) or "
+            "`prefect deploy` of this version registered with this Prefect API?"
+        ) from None
+    _deployment_ids[spec.full_name] = deployment.id
+    return deployment.id
+
+
+async def submit(
+    flow_name: str,
+    parameters: dict[str, Any],
+    *,
+    idempotency_key: str | None = None,
+    scheduled_time: datetime | None = None,
+    client: PrefectClient | None = None,
+) -> FlowRun:
+    """Create (or find, by idempotency key) a flow run of ``flow_name``'s deployment."""
+    if client is None:
+        async with get_client() as own:
+            return await submit(
+                flow_name,
+                parameters,
+                idempotency_key=idempotency_key,
+                scheduled_time=scheduled_time,
+                client=own,
+            )
+    deployment_id = await _deployment_id(client, flow_name)
+    flow_run = await client.create_flow_run_from_deployment(
+        deployment_id,
+        parameters=parameters,
+        state=Scheduled(scheduled_time=scheduled_time) if scheduled_time else None,
+        idempotency_key=idempotency_key,
+    )
+    if idempotency_key and flow_run.state is not None and flow_run.state.type in _RERUNNABLE:
+        # The key's run ended without completing: run it again; finished steps replay.
+        await client.set_flow_run_state(
+            flow_run.id,
+            AwaitingRetry(message=f"re-run: called again with idempotency key {idempotency_key!r}"),
+            force=True,
+        )
+        flow_run = await client.read_flow_run(flow_run.id)
+    return flow_run
+
+
+async def wait_for_result(
+    flow_run_id: UUID,
+    *,
+    timeout: float | None = None,
+    poll_interval: float = 0.25,
+    client: PrefectClient | None = None,
+) -> Any:
+    """Wait until the run is final; return its result or raise ``FlowRunFailed``.
+
+    Raises:
+        TimeoutError: the run is not final after ``timeout`` seconds.
+    """
+    if client is None:
+        async with get_client() as own:
+            return await wait_for_result(
+                flow_run_id, timeout=timeout, poll_interval=poll_interval, client=own
+            )
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        flow_run = await client.read_flow_run(flow_run_id)
+        state = flow_run.state
+        if state is not None and state.is_final():
+            if state.is_completed():
+                return await state.aresult()
+            raise FlowRunFailed(flow_run_id, state.name or str(state.type), state.message or "")
+        if deadline is not None and loop.time() >= deadline:
+            raise TimeoutError(f"flow run {flow_run_id} is not finished after {timeout} s")
+        await asyncio.sleep(poll_interval)
+
+
+async def trigger(
+    flow_name: str,
+    parameters: dict[str, Any],
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """Start a service call; with ``wait`` return its result, else its flow run id."""
+    async with get_client() as client:
+        flow_run = await submit(
+            flow_name,
+            parameters,
+            idempotency_key=idempotency_key,
+            scheduled_time=scheduled_time,
+            client=client,
+        )
+        if not wait:
+            return flow_run.id
+        return await wait_for_result(flow_run.id, client=client)
+
+
+# -- one function per service call (SPEC §2.4) --------------------------------------------------
+
+
+async def next_version(
+    region: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """VersioningService.NextVersion: with ``wait``, the new version (int)."""
+    return await trigger(
+        "next_version",
+        {"region": region},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def get_version(
+    region: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """VersioningService.GetVersion: with ``wait``, the current version (int)."""
+    return await trigger(
+        "get_version",
+        {"region": region},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def schedule_desired_state_change(
+    deployment_id: str,
+    state: str,
+    delay_millis: int = 0,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """DeploymentService.ScheduleDesiredStateChange (``state``: running, standby, archived)."""
+    return await trigger(
+        "schedule_desired_state_change",
+        {"deployment_id": deployment_id, "state": state, "delay_millis": delay_millis},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def change_desired_state(
+    deployment_id: str,
+    nonce: str,
+    state: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """DeploymentService.ChangeDesiredState (internal: applies a scheduled change by nonce)."""
+    return await trigger(
+        "change_desired_state",
+        {"deployment_id": deployment_id, "nonce": nonce, "state": state},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def clear_scheduled_state_changes(
+    deployment_id: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """DeploymentService.ClearScheduledStateChanges: drop (and cancel) the pending change."""
+    return await trigger(
+        "clear_scheduled_state_changes",
+        {"deployment_id": deployment_id},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def assign_frontline_routes(
+    project_id: str,
+    deployment_id: str,
+    frontline_route_ids: list[str],
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """RoutingService.AssignFrontlineRoutes: point the routes at the deployment, atomically."""
+    return await trigger(
+        "assign_frontline_routes",
+        {
+            "project_id": project_id,
+            "deployment_id": deployment_id,
+            "frontline_route_ids": frontline_route_ids,
+        },
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
