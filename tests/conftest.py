@@ -69,9 +69,14 @@ def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'ctrl.db'}"
 
 
+pytest_plugins = ["tests.support.fixtures"]
+
+# The developer's own UNKEY_* variables (fixtures may set others later, e.g. UNKEY_STATE_DIR).
+_DEVELOPER_UNKEY = [name for name in os.environ if name.startswith("UNKEY_")]
+
+
 @pytest.fixture(autouse=True)
 def _no_unkey_env(monkeypatch) -> None:
-    """Tests never pick up the developer's UNKEY_* variables or .env file."""
-    for name in list(os.environ):
-        if name.startswith("UNKEY_"):
-            monkeypatch.delenv(name)
+    """Tests never pick up the developer's UNKEY_* variables."""
+    for name in _DEVELOPER_UNKEY:
+        monkeypatch.delenv(name, raising=False)

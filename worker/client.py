@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound
 from prefect.states import AwaitingRetry, Scheduled
 
-from deployments import by_flow_name
+from deployments import DEPLOYMENT_NAME
 from worker.errors import CtrlError, NotFoundError
 
 __all__ = [
@@ -57,18 +57,19 @@ class FlowRunFailed(CtrlError):
 
 
 async def _deployment_id(client: PrefectClient, flow_name: str) -> UUID:
-    spec = by_flow_name(flow_name)
-    cached = _deployment_ids.get(spec.full_name)
+    full_name = f"{flow_name}/{DEPLOYMENT_NAME}"
+    cache_key = f"{client.api_url}|{full_name}"
+    cached = _deployment_ids.get(cache_key)
     if cached is not None:
         return cached
     try:
-        deployment = await client.read_deployment_by_name(spec.full_name)
+        deployment = await client.read_deployment_by_name(full_name)
     except ObjectNotFound:
         raise NotFoundError(
-            f"deployment '{spec.full_name}' not found: is a worker (`ctrl-worker run`) or "
+            f"deployment '{full_name}' not found: is a worker (`ctrl-worker run`) or "
             "`prefect deploy` of this version registered with this Prefect API?"
         ) from None
-    _deployment_ids[spec.full_name] = deployment.id
+    _deployment_ids[cache_key] = deployment.id
     return deployment.id
 
 

@@ -20,11 +20,12 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+from deployments import DeploymentSpec
 from worker import local_server, prefect_env
 from worker.settings import Settings
 
@@ -61,6 +62,8 @@ def _setup_logging() -> None:
         level=os.environ.get("UNKEY_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP request to the Prefect API drowns everything else.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _prepare_metrics_dir(settings: Settings) -> None:
@@ -71,8 +74,11 @@ def _prepare_metrics_dir(settings: Settings) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
-def run_worker(settings: Settings) -> int:
-    """Run the worker until SIGTERM/SIGINT; returns the exit code."""
+def run_worker(settings: Settings, extra: Sequence[DeploymentSpec] = ()) -> int:
+    """Run the worker until SIGTERM/SIGINT; returns the exit code.
+
+    ``extra`` deployments are served besides the catalogue (tests, embedding programs).
+    """
     _setup_logging()
     settings.state_path.mkdir(parents=True, exist_ok=True)
     server: local_server.LocalServer | None = None
@@ -85,14 +91,16 @@ def run_worker(settings: Settings) -> int:
     if settings.prometheus_port:
         _prepare_metrics_dir(settings)
     try:
-        return asyncio.run(_run(settings, server))
+        return asyncio.run(_run(settings, server, tuple(extra)))
     finally:
         if server is not None:
             log.info("stopping the local Prefect server")
             local_server.stop(settings.state_path, server)
 
 
-async def _run(settings: Settings, server: local_server.LocalServer | None) -> int:
+async def _run(
+    settings: Settings, server: local_server.LocalServer | None, extra: tuple[DeploymentSpec, ...]
+) -> int:
     # Prefect is imported only now: its settings must see the environment set above.
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
@@ -141,7 +149,7 @@ async def _run(settings: Settings, server: local_server.LocalServer | None) -> i
         async with get_client() as client:
             for attempt in range(1, REGISTER_ATTEMPTS + 1):
                 try:
-                    for spec in CATALOGUE:
+                    for spec in (*CATALOGUE, *extra):
                         deployment_id = await runner.aadd_flow(
                             spec.load(),
                             name=DEPLOYMENT_NAME,

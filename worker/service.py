@@ -30,13 +30,19 @@ from worker.errors import InvalidParameterError, is_terminal
 from worker.locks import key_lock
 from worker.settings import Settings
 
-__all__ = ["critical_section", "parse", "service_flow", "worker_settings"]
+__all__ = ["critical_section", "parse", "service_flow", "use_settings", "worker_settings"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M", bound=BaseModel)
 
 _settings: Settings | None = None
+
+
+def use_settings(settings: Settings | None) -> None:
+    """Make ``settings`` this process's settings (embedding programs, tests); None reloads."""
+    global _settings
+    _settings = settings
 
 
 def worker_settings() -> Settings:

@@ -1,0 +1,101 @@
+"""Fixtures around a real local Prefect server and the worker running as a subprocess."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from worker import local_server
+
+
+@dataclass
+class PrefectApi:
+    """The session's Prefect server and the state dir shared with the workers it serves."""
+
+    server: local_server.LocalServer
+    state_dir: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.api_url
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> Iterator[PrefectApi]:
+    """A real Prefect server (SQLite, filesystem lease storage), for the whole session.
+
+    The test process and every worker subprocess share its state dir, so a worker's step
+    records (and flow results) are readable by the tests that wait for them.
+    """
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
+        temporary_settings,
+    )
+
+    state = tmp_path_factory.mktemp("ctrl-state")
+    server = local_server.start(state)
+    env = {
+        "PREFECT_API_URL": server.api_url,
+        "PREFECT_LOCAL_STORAGE_PATH": str(state / "results"),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "UNKEY_STATE_DIR": str(state),
+    }
+    previous = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with temporary_settings(
+            updates={
+                PREFECT_API_URL: server.api_url,
+                PREFECT_LOCAL_STORAGE_PATH: str(state / "results"),
+                PREFECT_RESULTS_PERSIST_BY_DEFAULT: True,
+            }
+        ):
+            yield PrefectApi(server, state)
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        local_server.stop(state, server)
+
+
+@pytest.fixture(scope="session")
+def control_db(mysql_url: str, prefect_api: PrefectApi) -> Iterator[str]:
+    """The session's MariaDB control-plane DB, with the kernel tests' log table, installed as
+    this process's worker settings (flows called in-process use it)."""
+    from tasks.db.engine import engine_for
+    from tests.support.kernel_flows import test_metadata
+    from worker.service import use_settings
+    from worker.settings import Settings
+
+    test_metadata.create_all(engine_for(mysql_url))
+    use_settings(
+        Settings(_env_file=None, database_primary=mysql_url, state_dir=prefect_api.state_dir)
+    )
+    try:
+        yield mysql_url
+    finally:
+        use_settings(None)
+
+
+def step_log(url: str, tag: str) -> list[sa.Row]:
+    """The kernel_step_log rows of ``tag``, in insertion order."""
+    from tasks.db.engine import engine_for
+    from tests.support.kernel_flows import kernel_step_log
+
+    with engine_for(url).connect() as connection:
+        return list(
+            connection.execute(
+                sa.select(kernel_step_log)
+                .where(kernel_step_log.c.tag == tag)
+                .order_by(kernel_step_log.c.pk)
+            )
+        )
