@@ -32,7 +32,9 @@ kernel_step_log = sa.Table(
 def record(tag: str, step_name: str, started: float, ended: float | None = None) -> None:
     with control_plane_transaction() as connection:
         connection.execute(
-            kernel_step_log.insert().values(tag=tag, step=step_name, started_at=started, ended_at=ended)
+            kernel_step_log.insert().values(
+                tag=tag, step=step_name, started_at=started, ended_at=ended
+            )
         )
 
 
@@ -59,7 +61,9 @@ def third(tag: str, fail_marker: str = "") -> str:
 
 
 @service_flow("kernel_three_steps")
-async def kernel_three_steps(tag: str, sleep_seconds: float = 0.0, fail_marker: str = "") -> list[str]:
+async def kernel_three_steps(
+    tag: str, sleep_seconds: float = 0.0, fail_marker: str = ""
+) -> list[str]:
     """Three steps; the second may sleep, the third fails once if ``fail_marker`` exists."""
     return [first(tag), second(tag, sleep_seconds), third(tag, fail_marker)]
 
@@ -76,4 +80,7 @@ async def kernel_hold_key(tag: str, key: str, hold_seconds: float = 0.5) -> None
         record(tag, "hold", started, time.time())
 
 
-KERNEL_FLOWS = ("tests/support/kernel_flows.py:kernel_three_steps", "tests/support/kernel_flows.py:kernel_hold_key")
+KERNEL_FLOWS = (
+    "tests/support/kernel_flows.py:kernel_three_steps",
+    "tests/support/kernel_flows.py:kernel_hold_key",
+)

@@ -52,7 +52,10 @@ class WorkerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}: {self.tail()}")
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health/ready", timeout=1).status_code == 200:
+                if (
+                    httpx.get(f"http://127.0.0.1:{self.port}/health/ready", timeout=1).status_code
+                    == 200
+                ):
                     return self
             except httpx.HTTPError:
                 pass

@@ -56,7 +56,9 @@ def test_different_idempotency_keys_do_not_share_steps(control_db):
 
 
 def _intervals(url: str, tag: str) -> list[tuple[float, float]]:
-    return sorted((row.started_at, row.ended_at) for row in step_log(url, tag) if row.step == "hold")
+    return sorted(
+        (row.started_at, row.ended_at) for row in step_log(url, tag) if row.step == "hold"
+    )
 
 
 def test_concurrent_calls_on_one_key_never_overlap(control_db):
@@ -65,7 +67,9 @@ def test_concurrent_calls_on_one_key_never_overlap(control_db):
     key = f"test:one:{tag}"
 
     async def main() -> None:
-        await asyncio.gather(*(kernel_hold_key(tag=tag, key=key, hold_seconds=0.3) for _ in range(10)))
+        await asyncio.gather(
+            *(kernel_hold_key(tag=tag, key=key, hold_seconds=0.3) for _ in range(10))
+        )
 
     asyncio.run(main())
     spans = _intervals(control_db, tag)
