@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -67,10 +68,8 @@ class WorkerProcess:
         """SIGKILL the whole worker: the serve process and every flow-run process it started."""
         if self.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=10)
 
     def stop(self, timeout: float = 60.0) -> int:
@@ -83,10 +82,8 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         # Flow-run processes left behind (there should be none) must not outlive the test.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         return self.process.returncode
 
     def tail(self, lines: int = 40) -> str:

@@ -8,6 +8,7 @@ dead process is freed (at once by a worker on the same host, else within the lea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -56,10 +57,8 @@ def _flow_run(flow_run_id: UUID):
 def _kill_run_processes(state_dir: Path) -> None:
     """SIGKILL every flow-run process recorded under the state dir (a dead machine)."""
     for path in (state_dir / "runs").glob("*.json"):
-        try:
+        with contextlib.suppress(OSError, ValueError, KeyError):
             os.kill(json.loads(path.read_text())["pid"], signal.SIGKILL)
-        except (ProcessLookupError, OSError, ValueError, KeyError):
-            pass
 
 
 @pytest.fixture
@@ -136,6 +135,7 @@ def test_key_of_a_killed_holder_is_free_within_the_lease(prefect_api, control_db
     script = textwrap.dedent(
         f"""
         import asyncio
+import contextlib
         from worker.service import use_settings
         from worker.settings import Settings
         from tests.support.kernel_flows import kernel_hold_key

@@ -6,6 +6,7 @@ Against a real Prefect server and MariaDB; every step execution is counted in th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections import Counter
 
@@ -74,7 +75,7 @@ def test_concurrent_calls_on_one_key_never_overlap(control_db):
     asyncio.run(main())
     spans = _intervals(control_db, tag)
     assert len(spans) == 10
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end, f"critical sections overlap: {spans}"
 
 
