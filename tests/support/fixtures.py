@@ -35,6 +35,7 @@ def prefect_api(tmp_path_factory) -> Iterator[PrefectApi]:
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_LOGGING_TO_API_ENABLED,
         PREFECT_RESULTS_PERSIST_BY_DEFAULT,
         temporary_settings,
     )
@@ -55,6 +56,8 @@ def prefect_api(tmp_path_factory) -> Iterator[PrefectApi]:
                 PREFECT_API_URL: server.api_url,
                 PREFECT_LOCAL_STORAGE_PATH: str(state / "results"),
                 PREFECT_RESULTS_PERSIST_BY_DEFAULT: True,
+                # The server stops before the log handler's last flush at exit.
+                PREFECT_LOGGING_TO_API_ENABLED: False,
             }
         ):
             yield PrefectApi(server, state)
