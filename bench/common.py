@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-MYSQL_SERVER_URL = os.environ.get("CTRL_BENCH_MYSQL_URL", "mysql+pymysql://ctrl:ctrl@127.0.0.1:3306")
+MYSQL_SERVER_URL = os.environ.get(
+    "CTRL_BENCH_MYSQL_URL", "mysql+pymysql://ctrl:ctrl@127.0.0.1:3306"
+)
 
 
 @dataclass

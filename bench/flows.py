@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import SyncClientContext
 
 from tasks.db.session import control_plane_transaction
 from tasks.db.versions import read_region_version, take_version
@@ -59,10 +60,7 @@ CALL_MODES: dict[str, Callable[[str], Any]] = {
 }
 
 
-@service_flow("bench_calls")
-async def bench_calls(mode: str, count: int, prefix: str) -> list[float]:
-    """Call ``read_counter`` ``count`` times the ``mode`` way, each with a distinct region."""
-    function = CALL_MODES[mode]
+def _time_calls(function: Callable[[str], Any], count: int, prefix: str) -> list[float]:
     durations: list[float] = []
     for i in range(count):
         region = f"{prefix}-{i}"
@@ -70,6 +68,23 @@ async def bench_calls(mode: str, count: int, prefix: str) -> list[float]:
         function(region)
         durations.append(time.perf_counter() - started)
     return durations
+
+
+@service_flow("bench_calls")
+async def bench_calls(
+    mode: str, count: int, prefix: str, shared_sync_client: bool = False
+) -> list[float]:
+    """Call ``read_counter`` ``count`` times the ``mode`` way, each with a distinct region.
+
+    A sync task called from an async flow finds no sync client in its context, so Prefect
+    builds a new ``SyncPrefectClient`` (and TLS context) for every call; with
+    ``shared_sync_client`` the flow holds one for the whole loop, to measure what that costs.
+    """
+    function = CALL_MODES[mode]
+    if not shared_sync_client:
+        return _time_calls(function, count, prefix)
+    with SyncClientContext.get_or_create():
+        return _time_calls(function, count, prefix)
 
 
 @service_flow("bench_lock_cycles")
@@ -143,4 +158,3 @@ async def bench_hold_key(key: str, hold_seconds: float = 1.0) -> float:
         acquired = time.time()
         await asyncio.sleep(hold_seconds)
     return acquired
-

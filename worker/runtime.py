@@ -174,6 +174,12 @@ async def _run(
 
             runner_task = asyncio.create_task(runner.start(), name="runner")
             cleanups.push("runner", lambda: _stop_runner(runner, runner_task, settings))
+            # Runner.start() installs its own SIGTERM handler, which cancels every running
+            # flow run; ours drains them instead, so take the signal back once it started.
+            while not runner.started and not runner_task.done():
+                await asyncio.sleep(0.05)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
             reconciler = asyncio.create_task(
                 _reconcile_forever(settings, list(flows_by_deployment), flows_by_deployment),
                 name="reconciler",
@@ -271,17 +277,29 @@ async def _stop_runner(runner: Any, runner_task: asyncio.Task[Any], settings: Se
     poller = getattr(runner, "_scheduled_run_poller", None)
     if poller is not None:
         poller.stopping = True
+    processes = runner._process_manager
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.shutdown_grace_seconds
-    while runner._flow_run_process_map and loop.time() < deadline:
+    while processes.flow_run_ids() and loop.time() < deadline:
         await asyncio.sleep(0.2)
-    for entry in list(runner._flow_run_process_map.values()):
-        # Terminated mid-step: marked Crashed, resumed by the next reconciler pass anywhere.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(entry["pid"], signal.SIGTERM)
+    for flow_run_id in processes.flow_run_ids():
+        # Killed mid-step: it ends Crashed and the next reconciler pass (of any worker)
+        # resumes it; its finished steps replay.
+        handle = processes.get(flow_run_id)
+        if handle is not None and handle.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGKILL)
     deadline = loop.time() + 10
-    while runner._flow_run_process_map and loop.time() < deadline:
+    while processes.flow_run_ids() and loop.time() < deadline:
         await asyncio.sleep(0.2)
+    # Free the keys the killed runs held now, not when their leases expire.
+    from prefect.client.orchestration import get_client
+
+    from worker.resume import reconcile_once
+
+    with contextlib.suppress(Exception):
+        async with get_client() as client:
+            await reconcile_once(client, [], max_attempts=settings.resume_max_attempts + 1)
     if not runner_task.done():
         with contextlib.suppress(Exception):
             await runner.astop()

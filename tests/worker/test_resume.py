@@ -29,7 +29,9 @@ def test_crashed_runs_are_resumed_then_given_up(prefect_api):
         seen = []
         async with get_client() as client:
             deployment_id = await _deployment(client, f"resume-{uuid.uuid4().hex[:8]}")
-            flow_run = await client.create_flow_run_from_deployment(deployment_id, parameters={"tag": "x"})
+            flow_run = await client.create_flow_run_from_deployment(
+                deployment_id, parameters={"tag": "x"}
+            )
             for _ in range(3):
                 await client.set_flow_run_state(flow_run.id, Running())
                 await client.set_flow_run_state(flow_run.id, Crashed(message="killed"), force=True)
@@ -66,14 +68,22 @@ def test_a_dead_local_run_left_running_is_marked_crashed(prefect_api):
     async def main() -> StateType:
         async with get_client() as client:
             deployment_id = await _deployment(client, f"dead-{uuid.uuid4().hex[:8]}")
-            flow_run = await client.create_flow_run_from_deployment(deployment_id, parameters={"tag": "x"})
+            flow_run = await client.create_flow_run_from_deployment(
+                deployment_id, parameters={"tag": "x"}
+            )
             await client.set_flow_run_state(flow_run.id, Running())
             record = runs.records_dir() / f"{flow_run.id}.json"
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(
                 json.dumps(
-                    {"flow_run_id": str(flow_run.id), "pid": 999999, "process_start": "1",
-                     "host": socket.gethostname(), "started_at": 0.0, "leases": []}
+                    {
+                        "flow_run_id": str(flow_run.id),
+                        "pid": 999999,
+                        "process_start": "1",
+                        "host": socket.gethostname(),
+                        "started_at": 0.0,
+                        "leases": [],
+                    }
                 )
             )
             report = await reconcile_once(client, [], max_attempts=5)
