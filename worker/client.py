@@ -91,13 +91,21 @@ async def submit(
                 scheduled_time=scheduled_time,
                 client=own,
             )
-    deployment_id = await _deployment_id(client, flow_name)
-    flow_run = await client.create_flow_run_from_deployment(
-        deployment_id,
-        parameters=parameters,
-        state=Scheduled(scheduled_time=scheduled_time) if scheduled_time else None,
-        idempotency_key=idempotency_key,
-    )
+
+    async def create() -> FlowRun:
+        return await client.create_flow_run_from_deployment(
+            await _deployment_id(client, flow_name),
+            parameters=parameters,
+            state=Scheduled(scheduled_time=scheduled_time) if scheduled_time else None,
+            idempotency_key=idempotency_key,
+        )
+
+    try:
+        flow_run = await create()
+    except ObjectNotFound:
+        # The deployment was re-created (new id) since we cached it: look it up again.
+        _deployment_ids.clear()
+        flow_run = await create()
     if idempotency_key and flow_run.state is not None and flow_run.state.type in _RERUNNABLE:
         # The key's run ended without completing: run it again; finished steps replay.
         await client.set_flow_run_state(

@@ -33,6 +33,7 @@ __all__ = ["run_worker"]
 
 log = logging.getLogger("ctrl.worker")
 
+VAULT_BLOCK_NAME = "ctrl-vault"
 REGISTER_ATTEMPTS = 10
 REGISTER_DELAY_SECONDS = 5.0
 
@@ -105,7 +106,7 @@ async def _run(
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
 
-    from blocks.vault import vault_from_settings
+    from blocks.vault import LocalVault, vault_from_settings
     from deployments import CATALOGUE, DEPLOYMENT_NAME
     from tasks.db.engine import dispose_engines, engine_for
     from tasks.db.schema import init_schema, missing_tables
@@ -122,7 +123,9 @@ async def _run(
 
     try:
         # vault: the local keyring creates its master key now, not in the middle of a call.
-        vault_from_settings(settings)
+        vault = vault_from_settings(settings)
+        if isinstance(vault, LocalVault):
+            vault.encrypt("ctrl-startup", "probe")
         # DB: the embedded SQLite file is created on demand; MySQL is never changed implicitly.
         url = settings.database_url()
         if url.startswith("sqlite"):
@@ -159,6 +162,9 @@ async def _run(
                         )
                         flows_by_deployment[deployment_id] = spec.flow_name
                     await ensure_crash_automation(client)
+                    # Blocks are a projection of the environment, visible in the UI (the
+                    # environment stays the source of truth; flows read it directly).
+                    await vault.asave(VAULT_BLOCK_NAME, overwrite=True)
                     for key in ("deploy:global", "certificate:global"):
                         await ensure_key_limit(key)
                     break
