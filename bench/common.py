@@ -173,6 +173,7 @@ def bench_env() -> Iterator[BenchEnv]:
         settings_installed = True
         yield BenchEnv(state, server, url, database_name)
     finally:
+        _drain_prefect_workers()
         if settings_installed:
             from tasks.db.engine import dispose_engines
             from worker.service import use_settings
@@ -184,6 +185,35 @@ def bench_env() -> Iterator[BenchEnv]:
         if server is not None:
             local_server.stop(state, server)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _drain_prefect_workers() -> None:
+    """Send the buffered logs and events while the server is still up.
+
+    Otherwise they are flushed at interpreter exit against a stopped server, which retries for
+    over a minute (what ``prefect_test_harness`` does before stopping its server, too).
+    """
+    if "prefect" not in sys.modules:
+        return
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        with contextlib.suppress(RuntimeError):  # never started
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    try:
+        run_coro_as_sync(drain())
+    except Exception as exc:  # best effort: a failed drain must not hide the results
+        print(f"# draining Prefect's log and event workers failed: {exc}", flush=True)
 
 
 def quiet_prefect_console() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.context import SyncClientContext
 
 from tasks.db.session import control_plane_transaction
@@ -94,12 +95,17 @@ async def bench_lock_cycles(count: int, prefix: str) -> dict[str, list[float]]:
     ``fresh``: the whole cycle on a key never seen (creates the limit), split into
     ``fresh_acquire`` (entering the block) and ``fresh_release`` (leaving it).
     ``create_limit``: ``ensure_key_limit`` alone on another fresh key; ``existing``: the
-    cycle on that key once its limit exists.
+    cycle on that key once its limit exists; ``api_hello``: one API round trip doing nothing.
     """
-    out: dict[str, list[float]] = {
-        name: [] for name in ("fresh", "fresh_acquire", "fresh_release", "create_limit", "existing")
-    }
+    names = ("fresh", "fresh_acquire", "fresh_release", "create_limit", "existing", "api_hello")
+    out: dict[str, list[float]] = {name: [] for name in names}
     for i in range(count):
+        # The floor: one round trip to the same API that does no work (GET /hello).
+        async with get_client() as client:
+            started = time.perf_counter()
+            await client.hello()
+            out["api_hello"].append(time.perf_counter() - started)
+
         started = time.perf_counter()
         async with key_lock(f"{prefix}:fresh:{i}"):
             entered = time.perf_counter()

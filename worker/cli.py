@@ -95,7 +95,9 @@ def _trigger(args: argparse.Namespace) -> int:
     params = parse_params(args.param)
     api_url = prefect_env.resolve_api_url(settings)
     env = prefect_env.worker_env(settings, api_url)
-    prefect_env.apply({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")})
+    prefect_env.apply(
+        {k: env[k] for k in ("PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
+    )
 
     from deployments import by_flow_name
     from worker.client import FlowRunFailed, trigger

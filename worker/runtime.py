@@ -92,7 +92,8 @@ def run_worker(settings: Settings, extra: Sequence[DeploymentSpec] = ()) -> int:
     if settings.prometheus_port:
         _prepare_metrics_dir(settings)
     try:
-        return asyncio.run(_run(settings, server, tuple(extra)))
+        with prefect_env.refresh_prefect_settings():
+            return asyncio.run(_run(settings, server, tuple(extra)))
     finally:
         if server is not None:
             log.info("stopping the local Prefect server")
@@ -106,6 +107,7 @@ async def _run(
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
 
+    from blocks.results import save_results_block
     from blocks.vault import LocalVault, vault_from_settings
     from deployments import CATALOGUE, DEPLOYMENT_NAME
     from tasks.db.engine import dispose_engines, engine_for
@@ -139,7 +141,8 @@ async def _run(
                 )
         cleanups.push("database", dispose_engines)
         health.checks["database"] = _db_check(engine_for(url))
-        settings.results_dir().mkdir(parents=True, exist_ok=True)
+        if not settings.results_s3_bucket:
+            settings.results_dir().mkdir(parents=True, exist_ok=True)
 
         runner = Runner(
             name=f"ctrl-worker-{settings.instance_id}".replace("/", "-"),
@@ -165,6 +168,8 @@ async def _run(
                     # Blocks are a projection of the environment, visible in the UI (the
                     # environment stays the source of truth; flows read it directly).
                     await vault.asave(VAULT_BLOCK_NAME, overwrite=True)
+                    # Before any flow-run process starts: they load it as their default.
+                    await save_results_block(settings)
                     for key in ("deploy:global", "certificate:global"):
                         await ensure_key_limit(key)
                     break

@@ -44,7 +44,7 @@ def prefect_api(tmp_path_factory) -> Iterator[PrefectApi]:
     server = local_server.start(state)
     env = {
         "PREFECT_API_URL": server.api_url,
-        "PREFECT_LOCAL_STORAGE_PATH": str(state / "results"),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(state / "results"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "UNKEY_STATE_DIR": str(state),
     }
