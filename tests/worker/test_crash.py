@@ -185,3 +185,37 @@ def test_worker_frees_the_key_of_a_dead_local_run_at_once(prefect_api, control_d
     asyncio.run(worker_client.wait_for_result(run_id, timeout=120))
     run = _flow_run(run_id)
     assert run.state.is_completed() and run.run_count == 2
+
+
+def test_a_run_whose_host_vanished_does_not_stay_running(prefect_api, control_db, worker_factory):
+    """A worker's host dies and no worker comes back on it (no local record is left to read):
+    the heartbeat automation marks the run Crashed within ~2 minutes, and a worker anywhere
+    resumes it."""
+    tag = f"vanished-{uuid.uuid4().hex[:8]}"
+    first = worker_factory()
+    run_id = asyncio.run(
+        worker_client.trigger("kernel_three_steps", {"tag": tag, "sleep_seconds": 600})
+    )
+    _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the second step to start")
+    first.kill()
+    _kill_run_processes(prefect_api.state_dir)
+    (prefect_api.state_dir / "runs" / f"{run_id}.json").unlink()  # the host's disk is gone too
+    _wait_for(
+        lambda: _flow_run(run_id).state.is_crashed(), 200, "the automation to mark it Crashed", 2
+    )
+    worker_factory()
+    _wait_for(
+        lambda: _counts(control_db, tag)["second"] == 2, 90, "another worker to resume the run", 1
+    )
+    _cancel(run_id)
+
+
+def _cancel(flow_run_id: UUID) -> None:
+    """Cancel a run left sleeping, so that no later worker of the session resumes it."""
+    from prefect.states import Cancelled
+
+    async def cancel():
+        async with get_client() as client:
+            await client.set_flow_run_state(flow_run_id, Cancelled(message="test over"), force=True)
+
+    asyncio.run(cancel())
