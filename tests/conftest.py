@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
@@ -18,12 +19,22 @@ import sqlalchemy as sa
 MYSQL_SERVER_URL = os.environ.get("CTRL_TEST_MYSQL_URL", "mysql+pymysql://ctrl:ctrl@127.0.0.1:3306")
 
 
-def _new_mysql_database(prefix: str) -> tuple[str, sa.Engine]:
+@contextmanager
+def _mysql_database(prefix: str) -> Iterator[str]:
+    """A new, empty database on the test server, dropped (with its pooled connections) after."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(f"{MYSQL_SERVER_URL}/?charset=utf8mb4")
     with admin.begin() as connection:
         connection.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    return f"{MYSQL_SERVER_URL}/{name}?charset=utf8mb4", admin
+    try:
+        yield f"{MYSQL_SERVER_URL}/{name}?charset=utf8mb4"
+    finally:
+        from tasks.db.engine import dispose_engines
+
+        dispose_engines()
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -31,36 +42,16 @@ def mysql_url() -> Iterator[str]:
     """A fresh MariaDB database with the control-plane schema, for the whole session."""
     from tasks.db.schema import init_schema
 
-    url, admin = _new_mysql_database("ctrl_test")
-    init_schema(url)
-    try:
+    with _mysql_database("ctrl_test") as url:
+        init_schema(url)
         yield url
-    finally:
-        from tasks.db.engine import dispose_engines
-
-        dispose_engines()
-        with admin.begin() as connection:
-            connection.exec_driver_sql(
-                f"DROP DATABASE IF EXISTS `{url.rsplit('/', 1)[1].split('?')[0]}`"
-            )
-        admin.dispose()
 
 
 @pytest.fixture
 def empty_mysql_url() -> Iterator[str]:
     """A fresh, empty MariaDB database (no tables) for one test."""
-    url, admin = _new_mysql_database("ctrl_empty")
-    try:
+    with _mysql_database("ctrl_empty") as url:
         yield url
-    finally:
-        from tasks.db.engine import dispose_engines
-
-        dispose_engines()
-        with admin.begin() as connection:
-            connection.exec_driver_sql(
-                f"DROP DATABASE IF EXISTS `{url.rsplit('/', 1)[1].split('?')[0]}`"
-            )
-        admin.dispose()
 
 
 @pytest.fixture

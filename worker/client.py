@@ -18,6 +18,8 @@ its finished steps replay from their records, only the rest executes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -28,13 +30,16 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import AwaitingRetry, Scheduled
 
 from deployments import DEPLOYMENT_NAME
+from worker import prefect_env
 from worker.errors import CtrlError, NotFoundError
+from worker.settings import load_settings
 
 __all__ = [
     "FlowRunFailed",
     "assign_frontline_routes",
     "change_desired_state",
     "clear_scheduled_state_changes",
+    "connect",
     "get_version",
     "next_version",
     "schedule_desired_state_change",
@@ -54,6 +59,32 @@ class FlowRunFailed(CtrlError):
         self.flow_run_id = flow_run_id
         self.state_name = state_name
         super().__init__(f"flow run {flow_run_id} ended {state_name}: {message}")
+
+
+@asynccontextmanager
+async def connect() -> AsyncIterator[PrefectClient]:
+    """A Prefect client for ``PREFECT_API_URL``, or, when it is unset, for the worker's local
+    server found under the state directory (SPEC §2.2: no configuration needed)."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
+
+    if PREFECT_API_URL.value():
+        async with get_client() as client:
+            yield client
+        return
+    settings = load_settings()
+    api_url = prefect_env.resolve_api_url(settings)
+    with temporary_settings(
+        updates={
+            PREFECT_API_URL: api_url,
+            PREFECT_RESULTS_LOCAL_STORAGE_PATH: settings.results_dir(),
+        }
+    ):
+        async with get_client() as client:
+            yield client
 
 
 async def _deployment_id(client: PrefectClient, flow_name: str) -> UUID:
@@ -83,7 +114,7 @@ async def submit(
 ) -> FlowRun:
     """Create (or find, by idempotency key) a flow run of ``flow_name``'s deployment."""
     if client is None:
-        async with get_client() as own:
+        async with connect() as own:
             return await submit(
                 flow_name,
                 parameters,
@@ -130,7 +161,7 @@ async def wait_for_result(
         TimeoutError: the run is not final after ``timeout`` seconds.
     """
     if client is None:
-        async with get_client() as own:
+        async with connect() as own:
             return await wait_for_result(
                 flow_run_id, timeout=timeout, poll_interval=poll_interval, client=own
             )
@@ -157,7 +188,7 @@ async def trigger(
     scheduled_time: datetime | None = None,
 ) -> Any:
     """Start a service call; with ``wait`` return its result, else its flow run id."""
-    async with get_client() as client:
+    async with connect() as client:
         flow_run = await submit(
             flow_name,
             parameters,

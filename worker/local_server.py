@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+MAX_SLOT_WAIT_SECONDS = 2
 
 
 @dataclass
@@ -101,6 +102,12 @@ def server_env(home: Path, port: int) -> dict[str, str]:
             "PREFECT_HOME": str(home),
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
+            # Waiters for a key poll after the server's Retry-After, which grows with the
+            # queue up to this cap (default 30 s): a key handed over every 30 s under
+            # contention. Service calls hold keys for seconds, so poll at most 2 s apart.
+            "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": str(
+                MAX_SLOT_WAIT_SECONDS
+            ),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_API_HOST": "127.0.0.1",
             "PREFECT_SERVER_API_PORT": str(port),

@@ -57,8 +57,11 @@ def test_a_call_resumed_on_another_host_replays_steps_from_s3(
     executes again (the records of the others are read from S3)."""
     bucket = f"ctrl-results-{uuid.uuid4().hex[:8]}"
     s3 = boto3.client(
-        "s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-        aws_access_key_id="test", aws_secret_access_key="test",
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
     )
     s3.create_bucket(Bucket=bucket)
     env = {
@@ -72,15 +75,21 @@ def test_a_call_resumed_on_another_host_replays_steps_from_s3(
     marker.touch()
     params = {"tag": tag, "fail_marker": str(marker)}
 
-    host_a = WorkerProcess(prefect_api.url, control_db, tmp_path / "host-a", tmp_path / "a.log", **env)
+    host_a = WorkerProcess(
+        prefect_api.url, control_db, tmp_path / "host-a", tmp_path / "a.log", **env
+    )
     host_a.start()
     try:
         with pytest.raises(worker_client.FlowRunFailed):
-            asyncio.run(worker_client.trigger("kernel_three_steps", params, idempotency_key=tag, wait=True))
+            asyncio.run(
+                worker_client.trigger("kernel_three_steps", params, idempotency_key=tag, wait=True)
+            )
     finally:
         host_a.stop()
 
-    host_b = WorkerProcess(prefect_api.url, control_db, tmp_path / "host-b", tmp_path / "b.log", **env)
+    host_b = WorkerProcess(
+        prefect_api.url, control_db, tmp_path / "host-b", tmp_path / "b.log", **env
+    )
     host_b.start()
     try:
         result = asyncio.run(
@@ -89,7 +98,11 @@ def test_a_call_resumed_on_another_host_replays_steps_from_s3(
     finally:
         host_b.stop()
     assert result == ["first-done", "second-done", "third-done"]
-    assert Counter(row.step for row in step_log(control_db, tag)) == {"first": 1, "second": 1, "third": 2}
+    assert Counter(row.step for row in step_log(control_db, tag)) == {
+        "first": 1,
+        "second": 1,
+        "third": 2,
+    }
     keys = [obj["Key"] for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert f"results/kernel_three_steps:{tag}:first" in keys
     assert not (tmp_path / "host-a" / "results").exists(), "records must not go to local files"

@@ -24,6 +24,15 @@ SECRETS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_unkey_variables(monkeypatch) -> None:
+    """Settings are read from a clean environment (session fixtures export UNKEY_STATE_DIR)."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+
+
 def _problems(**overrides) -> list[str]:
     return collect_problems(_env_file=None, **overrides)[1]
 
