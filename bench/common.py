@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -32,14 +33,17 @@ from worker import local_server
 __all__ = [
     "MYSQL_SERVER_URL",
     "REPO",
+    "ApiRetries",
     "BenchEnv",
     "ServedWorker",
     "bench_env",
+    "count_api_retries",
     "describe",
     "median",
     "p95",
     "print_result",
     "quiet_prefect_console",
+    "run_phases",
     "served_worker",
     "size_arg",
 ]
@@ -203,17 +207,50 @@ def _drain_prefect_workers() -> None:
 
     async def drain() -> None:
         with contextlib.suppress(RuntimeError):  # never started
-            result = APILogWorker.instance().drain()
-            if inspect.isawaitable(result):
-                await result
-        result = EventsWorker.drain_all()
-        if inspect.isawaitable(result):
-            await result
+            logs: object = APILogWorker.instance().drain()
+            if inspect.isawaitable(logs):
+                await logs
+        events: object = EventsWorker.drain_all()
+        if inspect.isawaitable(events):
+            await events
 
     try:
         run_coro_as_sync(drain())
     except Exception as exc:  # best effort: a failed drain must not hide the results
         print(f"# draining Prefect's log and event workers failed: {exc}", flush=True)
+
+
+class ApiRetries(logging.Handler):
+    """Counts the Prefect client's retries of this process (503 from a busy server, 429...).
+
+    The client logs each retry at DEBUG ("Another attempt will be made in <s>s") before
+    sleeping; a SQLite-backed server answers 503 when its database is locked.
+    """
+
+    _WAIT = re.compile(r"Another attempt will be made in ([0-9.]+)s")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+        self.waited = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = self._WAIT.search(record.getMessage())
+        if found:
+            self.count += 1
+            self.waited += float(found.group(1))
+
+    def summary(self) -> str:
+        return f"Prefect API retries in this process: {self.count} ({self.waited:.1f} s of backoff)"
+
+
+def count_api_retries() -> ApiRetries:
+    """Start counting the Prefect client's retries (call after ``quiet_prefect_console``)."""
+    handler = ApiRetries()
+    client_logger = logging.getLogger("prefect.client")
+    client_logger.setLevel(logging.DEBUG)  # the console handlers stay at WARNING
+    client_logger.addHandler(handler)
+    return handler
 
 
 def quiet_prefect_console() -> None:
@@ -242,6 +279,19 @@ class ServedWorker:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+
+    def api_retries(self) -> str:
+        """How often its flow-run processes retried a Prefect API call (from the worker log)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "Prefect API retries in the worker's processes: unknown (no log)"
+        waits = [float(w) for w in ApiRetries._WAIT.findall(text)]
+        codes = sorted(set(re.findall(r"retryable status code (\d+)", text)))
+        return (
+            f"Prefect API retries in the worker's processes: {len(waits)} "
+            f"({sum(waits):.1f} s of backoff; status codes {', '.join(codes) or '-'})"
+        )
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -272,10 +322,8 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     # the serve process and every flow-run process it spawned.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -297,6 +345,9 @@ def served_worker(
         "UNKEY_HTTP_PORT": str(port),
         "UNKEY_INSTANCE_ID": f"bench-{port}",
         "PYTHONPATH": str(REPO),
+        # The client's retries (a 503 from a busy SQLite server) are logged at DEBUG only;
+        # this makes them countable in the worker log (``ServedWorker.api_retries``).
+        "PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL": "DEBUG",
         **extra_env,
     }
     started = time.monotonic()
@@ -317,3 +368,26 @@ def served_worker(
         yield worker
     finally:
         _kill_group(process)
+
+
+async def run_phases(flow_run_id: str) -> dict[str, float]:
+    """Epoch seconds at which a flow run was created and entered each state, from the API.
+
+    Keys: ``created`` and the state types in lower case (``scheduled``, ``pending`` when a
+    runner took it, ``running`` when its process started the flow, ``completed``...).
+    """
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        run_id = UUID(flow_run_id)
+        flow_run = await client.read_flow_run(run_id)
+        states = await client.read_flow_run_states(run_id)
+    phases: dict[str, float] = {}
+    if flow_run.created is not None:
+        phases["created"] = flow_run.created.timestamp()
+    for state in sorted(states, key=lambda s: s.timestamp):
+        # The first time it entered each state (a resumed run enters some twice).
+        phases.setdefault(state.type.value.lower(), state.timestamp.timestamp())
+    return phases

@@ -8,6 +8,7 @@ own body return the raw per-call durations in seconds.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.context import SyncClientContext
+from prefect.context import FlowRunContext, SyncClientContext
 
 from tasks.db.session import control_plane_transaction
 from tasks.db.versions import read_region_version, take_version
@@ -25,6 +26,7 @@ from worker.steps import step
 
 __all__ = [
     "CALL_MODES",
+    "START_GATES",
     "bench_calls",
     "bench_hold_key",
     "bench_lock_cycles",
@@ -42,16 +44,15 @@ def read_counter(region: str) -> int:
 # The same function four ways, from nothing added to a full durable step, so the step's cost
 # can be split into task-run overhead, result persistence and the keyed cache lookup.
 read_counter_step = step(name="read_counter_step", key=("region",))(read_counter)
-read_counter_task = task(
-    read_counter, name="read_counter_task", cache_policy=NO_CACHE, persist_result=False
+read_counter_task = task(name="read_counter_task", cache_policy=NO_CACHE, persist_result=False)(
+    read_counter
 )
 read_counter_persisted = task(
-    read_counter,
     name="read_counter_persisted",
     cache_policy=NO_CACHE,
     persist_result=True,
     result_serializer="json",
-)
+)(read_counter)
 
 CALL_MODES: dict[str, Callable[[str], Any]] = {
     "plain": read_counter,
@@ -125,15 +126,37 @@ async def bench_lock_cycles(count: int, prefix: str) -> dict[str, list[float]]:
     return out
 
 
-@service_flow("bench_take_versions")
-async def bench_take_versions(region: str, caller: int, count: int) -> list[float]:
-    """Take ``count`` versions of ``region`` through the durable step, one purpose each."""
+def _take_versions(region: str, caller: int, count: int) -> dict[str, Any]:
     durations: list[float] = []
+    first = time.perf_counter()
     for i in range(count):
         started = time.perf_counter()
         take_version(region, purpose=f"bench-{caller}-{i}")
         durations.append(time.perf_counter() - started)
-    return durations
+    return {"durations": durations, "started": first, "ended": time.perf_counter()}
+
+
+# In-process benchmarks only: concurrent callers' flow runs wait here for each other before
+# their first step, so what is timed together is their steps, not their flow runs' creation.
+START_GATES: dict[str, threading.Barrier] = {}
+
+
+@service_flow("bench_take_versions")
+async def bench_take_versions(
+    region: str, caller: int, count: int, shared_sync_client: bool = False, start_gate: str = ""
+) -> dict[str, Any]:
+    """Take ``count`` versions of ``region`` through the durable step, one purpose each.
+
+    Returns the per-call durations and when (``time.perf_counter``) the first step started
+    and the last one ended. ``shared_sync_client``: as in ``bench_calls``. ``start_gate``:
+    wait at ``START_GATES[start_gate]`` before the first step.
+    """
+    if start_gate:
+        await asyncio.to_thread(START_GATES[start_gate].wait, 600)
+    if not shared_sync_client:
+        return _take_versions(region, caller, count)
+    with SyncClientContext.get_or_create():
+        return _take_versions(region, caller, count)
 
 
 @step(name="bench_first")
@@ -151,16 +174,27 @@ def bench_third(tag: str) -> str:
     return f"{tag}:third"
 
 
+def _flow_run_id() -> str:
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return ""
+    return str(context.flow_run.id)
+
+
 @service_flow("bench_three_steps")
 async def bench_three_steps(tag: str) -> list[str]:
-    """Three trivial durable steps: the smallest realistic service call."""
-    return [bench_first(tag), bench_second(tag), bench_third(tag)]
+    """Three trivial durable steps: the smallest realistic service call.
+
+    Returns the three step values, then the flow run id (for the caller's breakdown).
+    """
+    return [bench_first(tag), bench_second(tag), bench_third(tag), _flow_run_id()]
 
 
 @service_flow("bench_hold_key")
-async def bench_hold_key(key: str, hold_seconds: float = 1.0) -> float:
-    """Hold ``key`` for ``hold_seconds``; returns when (epoch seconds) it was acquired."""
+async def bench_hold_key(key: str, hold_seconds: float = 1.0) -> dict[str, Any]:
+    """Hold ``key`` for ``hold_seconds``; returns when (epoch seconds) it held it, and the run."""
     async with critical_section(key):
         acquired = time.time()
         await asyncio.sleep(hold_seconds)
-    return acquired
+        released = time.time()
+    return {"acquired": acquired, "released": released, "flow_run_id": _flow_run_id()}

@@ -16,7 +16,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from bench.common import bench_env, describe, median, print_result, quiet_prefect_console, size_arg
+from bench.common import (
+    bench_env,
+    count_api_retries,
+    describe,
+    median,
+    print_result,
+    quiet_prefect_console,
+    size_arg,
+)
 
 TARGET_MS = 50.0
 
@@ -33,6 +41,7 @@ def main() -> None:
     count = size_arg(100)
     with bench_env():
         quiet_prefect_console()
+        retries = count_api_retries()
         results = asyncio.run(_run(count))
 
     for name, durations in results.items():
@@ -40,8 +49,11 @@ def main() -> None:
     ours = median(results["fresh"]) * 1000
     met = "met" if ours <= TARGET_MS else "NOT met"
     print(f"p50 acquire+release on a fresh key: {ours:.2f} ms (target <= {TARGET_MS:.0f}: {met})")
+    print(retries.summary())
     print(f"size: {count} cycles")
-    print_result("key_lock", ours / TARGET_MS, f"{ours:.2f}", f"{TARGET_MS:.0f}", "ms p50, ref=target")
+    print_result(
+        "key_lock", ours / TARGET_MS, f"{ours:.2f}", f"{TARGET_MS:.0f}", "ms p50, ref=target"
+    )
 
 
 if __name__ == "__main__":
