@@ -10,6 +10,7 @@ Every test seeds its own project and deployment and deletes them at the end.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import uuid
 from collections.abc import Iterator
@@ -51,6 +52,8 @@ from tests.support.seed import (
 )
 from tests.support.worker_process import WorkerProcess
 from worker.errors import InvalidParameterError, RefusedError
+from worker.locks import ensure_key_limit
+from worker.resume import CRASH_AUTOMATION
 
 CHANGE_DEPLOYMENT = "change_desired_state/ctrl"
 TOPOLOGY_STATUS = {"running": "started", "standby": "stopped", "archived": "stopped"}
@@ -58,15 +61,38 @@ LONG_DELAY_MILLIS = 10 * 60 * 1000  # far beyond the worker's 10 s prefetch: sta
 UNFINISHED = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING}
 
 
+async def _crash_automation_ids() -> list[UUID]:
+    async with get_client() as client:
+        return [a.id for a in await client.read_automations_by_name(CRASH_AUTOMATION)]
+
+
+async def _delete_automations(ids: list[UUID]) -> None:
+    async with get_client() as client:
+        for automation_id in ids:
+            await client.delete_automation(automation_id)
+
+
 @pytest.fixture(scope="module")
 def served(prefect_api, control_db, tmp_path_factory) -> Iterator[WorkerProcess]:
-    """The real worker, serving ``change_desired_state/ctrl`` (and the whole catalogue)."""
+    """The real worker, serving ``change_desired_state/ctrl`` (and the whole catalogue).
+
+    At the end, the crash automation the worker registers is removed again if this module's
+    worker created it: with it, contended calls on the session's SQLite-backed Prefect server
+    ran 3-4 times slower in every later test.
+    """
+    existed = asyncio.run(_crash_automation_ids())
     log = tmp_path_factory.mktemp("deployment-worker") / "worker.log"
-    worker = WorkerProcess(prefect_api.url, control_db, prefect_api.state_dir, log).start()
+    # Two flow-run processes at a time: ten starting at once on a small CI machine starve the
+    # in-process calls and the test's Prefect server (SPEC scenario 2 sends 50 change runs).
+    worker = WorkerProcess(
+        prefect_api.url, control_db, prefect_api.state_dir, log, UNKEY_WORKER_LIMIT="2"
+    ).start()
     try:
         yield worker
     finally:
         worker.stop()
+        if not existed:
+            asyncio.run(_delete_automations(asyncio.run(_crash_automation_ids())))
 
 
 @dataclass
@@ -163,9 +189,7 @@ def test_schedule_now_applies_state_and_new_topology_versions(served, control_db
     project = seed_project(control_db, ids)
     deployment_id = insert_deployment(control_db, ids, project, desired_state=initial)
     for region in (fresh_region(), fresh_region()):
-        insert_topology(
-            control_db, ids, project, deployment_id, region, TOPOLOGY_STATUS[initial]
-        )
+        insert_topology(control_db, ids, project, deployment_id, region, TOPOLOGY_STATUS[initial])
     try:
         before = topology(control_db, deployment_id)
         asyncio.run(schedule_desired_state_change(deployment_id, new, 0))
@@ -335,8 +359,9 @@ def test_bad_parameters_fail_at_once_and_write_nothing(seeded, flow, field, valu
 # -- SPEC §5 scenario 2 -----------------------------------------------------------------------
 
 
-async def _schedule_task_runs(flow_run_ids: list[UUID]) -> dict[UUID, list[TaskRun]]:
-    """The finished step (task) runs of each schedule call, as the Prefect API recorded them."""
+async def _locked_spans(flow_run_ids: list[UUID]) -> dict[UUID, tuple[float, float]] | None:
+    """Per schedule call, from the first step's start to the last step's end (all its steps run
+    under the key), as the Prefect API recorded them; None until every call's steps are in."""
     async with get_client() as client:
         found: list[TaskRun] = []
         while True:
@@ -348,71 +373,91 @@ async def _schedule_task_runs(flow_run_ids: list[UUID]) -> dict[UUID, list[TaskR
             found.extend(page)
             if len(page) < 200:
                 break
-    by_run: dict[UUID, list[TaskRun]] = {run_id: [] for run_id in flow_run_ids}
+    steps: dict[UUID, list[TaskRun]] = {run_id: [] for run_id in flow_run_ids}
     for task_run in found:
-        if task_run.flow_run_id in by_run and task_run.end_time is not None:
-            by_run[task_run.flow_run_id].append(task_run)
-    return by_run
+        if task_run.flow_run_id in steps and task_run.start_time and task_run.end_time:
+            steps[task_run.flow_run_id].append(task_run)
+    # new_nonce, set_transition, send_call, remember_scheduled_run (+ cancel_scheduled_run).
+    if any(len(task_runs) < 4 for task_runs in steps.values()):
+        return None
+    return {
+        run_id: (
+            min(t.start_time.timestamp() for t in task_runs if t.start_time),
+            max(t.end_time.timestamp() for t in task_runs if t.end_time),
+        )
+        for run_id, task_runs in steps.items()
+    }
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 100 critical sections in a row: 4-6 min on a loaded 2-CPU machine
 def test_concurrent_schedules_last_writer_wins(served, seeded):
-    """SPEC §5 scenario 2: 50 concurrent schedules with random delays (0-3 s) and states on
-    one deployment. The critical sections on ``deployment:{id}`` never overlap, the final
-    desired state is the one of the schedule that held the key last, its change run
-    completed, and every other change run ended Completed (a no-op) or Cancelled."""
+    """SPEC §5 scenario 2: 50 concurrent schedules with random delays (0-3 s) and random
+    states on one deployment. The critical sections on ``deployment:{id}`` never overlap;
+    each sent exactly one change run, in lock order; the final desired state is the one of
+    the schedule that held the key last, whose change run completed; every other change run
+    ended Completed (a no-op once superseded) or Cancelled (superseded while scheduled)."""
     calls = 50
     rng = random.Random(uuid.uuid4().int)
     plans = [
         (rng.choice(["running", "standby", "archived"]), rng.randint(0, 3000)) for _ in range(calls)
     ]
 
+    async def schedule(index: int, state: str, delay: int) -> UUID:
+        # All 50 calls are in flight together (each waits for the key for minutes); their
+        # starts are spread over 2.5 s because 50 flow-run creations in the same instant
+        # overload the test's SQLite-backed Prefect server (503 on POST /flow_runs/).
+        await asyncio.sleep(index * 0.05)
+        final = await schedule_desired_state_change(
+            seeded.deployment_id, state, delay, return_state=True
+        )
+        assert final.is_completed(), final
+        return final.state_details.flow_run_id
+
     async def schedule_all() -> list[UUID]:
-        states = await asyncio.gather(
-            *(
-                schedule_desired_state_change(
-                    seeded.deployment_id, state, delay, return_state=True
-                )
-                for state, delay in plans
+        # The key's limit exists after a deployment's first call; creating it up front keeps
+        # 50 first calls from racing to create it.
+        await ensure_key_limit(f"deployment:{seeded.deployment_id}")
+        return list(
+            await asyncio.gather(
+                *(schedule(index, state, delay) for index, (state, delay) in enumerate(plans))
             )
         )
-        for final in states:
-            assert final.is_completed(), final
-        return [final.state_details.flow_run_id for final in states]
 
     schedule_runs = asyncio.run(schedule_all())
-    change = asyncio.run(wait_for_change_runs(seeded.deployment_id, calls, timeout=180))
+    state_of_call = {run_id: plans[index][0] for index, run_id in enumerate(schedule_runs)}
+    change = asyncio.run(wait_for_change_runs(seeded.deployment_id, calls, timeout=300))
     assert len(change) == calls, "each schedule sends exactly one change run"
 
-    # The locked part of each schedule call contains all its steps (new_nonce ... send_call,
-    # remember_scheduled_run, cancel_scheduled_run): their recorded spans must not overlap.
     spans: dict[UUID, tuple[float, float]] = {}
 
-    async def steps_recorded() -> bool:
-        by_run = await _schedule_task_runs(schedule_runs)
-        if any(len(task_runs) < 4 for task_runs in by_run.values()):
-            return False
-        for run_id, task_runs in by_run.items():
-            starts = [t.start_time or t.expected_start_time for t in task_runs]
-            assert all(starts), task_runs
-            spans[run_id] = (
-                min(s.timestamp() for s in starts if s),
-                max(t.end_time.timestamp() for t in task_runs if t.end_time),
-            )
-        return True
+    async def spans_recorded() -> bool:
+        recorded = await _locked_spans(schedule_runs)
+        if recorded is not None:
+            spans.update(recorded)
+        return recorded is not None
 
-    asyncio.run(poll_until(steps_recorded, 60, "the schedule calls' step runs to be recorded"))
-    ordered = sorted(schedule_runs, key=lambda run_id: spans[run_id][0])
-    for previous, following in zip(ordered, ordered[1:], strict=False):
+    asyncio.run(poll_until(spans_recorded, 60, "the schedule calls' steps to be recorded"))
+    in_lock_order = sorted(schedule_runs, key=lambda run_id: spans[run_id][0])
+    for previous, following in itertools.pairwise(in_lock_order):
         assert spans[following][0] >= spans[previous][1], (
             f"critical sections of {previous} and {following} overlap: "
             f"{spans[previous]} vs {spans[following]}"
         )
 
-    # The change runs were created inside the critical sections, so in the same order.
-    last_schedule = ordered[-1]
-    last_state = plans[schedule_runs.index(last_schedule)][0]
-    assert change[-1].parameters["state"] == last_state
+    # Each change run was created by send_call inside exactly one critical section: the
+    # order of the change runs is the lock order, and each carries its schedule's state.
+    senders = []
+    for run in change:
+        assert run.created is not None
+        created = run.created.timestamp()
+        inside = [r for r in schedule_runs if spans[r][0] <= created <= spans[r][1]]
+        assert len(inside) == 1, f"change run {run.id} created outside one critical section"
+        assert run.parameters["state"] == state_of_call[inside[0]]
+        senders.append(inside[0])
+    assert senders == in_lock_order
+
+    last_state = state_of_call[in_lock_order[-1]]
     assert state_of(change[-1]) == StateType.COMPLETED
     assert {state_of(run) for run in change} <= {StateType.COMPLETED, StateType.CANCELLED}
     assert desired_state(seeded.url, seeded.deployment_id) == last_state

@@ -48,9 +48,9 @@ def test_get_version_reads_without_incrementing(region):
 
 
 def test_concurrent_callers_get_unique_increasing_versions(control_db, region):
-    """8 concurrent callers x 5 calls on one region: each caller sees strictly increasing
+    """8 concurrent callers x 3 calls on one region: each caller sees strictly increasing
     values, no value is handed out twice, and the counter ends at the number of calls."""
-    callers, calls = 8, 5
+    callers, calls = 8, 3
 
     async def caller() -> list[int]:
         return [await next_version(region) for _ in range(calls)]
