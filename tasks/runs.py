@@ -18,6 +18,8 @@ from worker.steps import step
 
 __all__ = ["cancel_scheduled_run", "send_call"]
 
+_NOT_STARTED = {StateType.SCHEDULED, StateType.PENDING}
+
 
 @step(key=("idempotency_key",))
 async def send_call(
@@ -47,7 +49,9 @@ async def cancel_scheduled_run(flow_run_id: str, reason: str) -> bool:
             flow_run = await client.read_flow_run(UUID(flow_run_id))
         except ObjectNotFound:
             return False
-        if flow_run.state is None or flow_run.state.type != StateType.SCHEDULED:
+        # Pending too: a runner claims runs up to 10 s before they are due, and a claimed
+        # run that is cancelled never starts its process. Running ones are left alone.
+        if flow_run.state is None or flow_run.state.type not in _NOT_STARTED:
             return False
         result: OrchestrationResult[Any] = await client.set_flow_run_state(
             flow_run.id, Cancelled(message=reason)

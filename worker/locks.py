@@ -38,7 +38,7 @@ from prefect.concurrency._events import (
 )
 from prefect.concurrency._leases import amaintain_concurrency_lease
 from prefect.context import FlowRunContext
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from worker import metrics, runs
 
@@ -60,6 +60,14 @@ async def ensure_key_limit(key: str) -> None:
     if name in _created:
         return
     async with get_client() as client:
+        try:
+            # Look first: every new flow-run process would otherwise try a create that the
+            # server refuses (and logs with a traceback) when the key already exists.
+            await client.read_global_concurrency_limit_by_name(name)
+            _created.add(name)
+            return
+        except ObjectNotFound:
+            pass
         try:
             await client.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)

@@ -62,6 +62,11 @@ def prefect_api(tmp_path_factory) -> Iterator[PrefectApi]:
         ):
             yield PrefectApi(server, state)
     finally:
+        # Send queued events while the server is up: at exit Prefect would retry them
+        # against a dead server for minutes.
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=30)
         for name, value in previous.items():
             if value is None:
                 os.environ.pop(name, None)

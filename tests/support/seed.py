@@ -214,8 +214,10 @@ def insert_route(url: str, ids: SeedIds, project: Project, deployment_id: str) -
 
 
 def insert_transition(url: str, deployment_id: str, nonce: str, state: str) -> None:
-    """A pending desired-state transition, as ``schedule_desired_state_change`` records it
-    (removed by ``cleanup`` with the deployment, or by ``deployment_ids`` of ``cleanup``)."""
+    """A pending desired-state transition, as ``schedule_desired_state_change`` records it.
+
+    ``cleanup`` removes it with its deployment (pass a deployment id without a row as one of
+    its ``extra_deployment_ids``)."""
     with engine_for(url).begin() as connection:
         connection.execute(
             deployment_transitions.insert().values(
