@@ -169,8 +169,7 @@ def bench_env() -> Iterator[BenchEnv]:
         url, database_name = _create_database()
 
         from tasks.db.schema import init_schema
-        from worker.service import use_settings
-        from worker.settings import Settings
+        from worker.settings import Settings, use_settings
 
         init_schema(url)
         use_settings(Settings(_env_file=None, database_primary=url, state_dir=state))
@@ -180,7 +179,7 @@ def bench_env() -> Iterator[BenchEnv]:
         _drain_prefect_workers()
         if settings_installed:
             from tasks.db.engine import dispose_engines
-            from worker.service import use_settings
+            from worker.settings import use_settings
 
             use_settings(None)
             dispose_engines()

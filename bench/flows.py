@@ -20,9 +20,9 @@ from prefect.context import FlowRunContext, SyncClientContext
 
 from tasks.db.session import control_plane_transaction
 from tasks.db.versions import read_region_version, take_version
-from worker.locks import ensure_key_limit, key_lock
-from worker.service import critical_section, service_flow
-from worker.steps import step
+from worker.kernel.locks import ensure_key_limit, key_lock
+from worker.kernel.service import critical_section, service_flow
+from worker.kernel.steps import step
 
 __all__ = [
     "CALL_MODES",

@@ -1,4 +1,4 @@
-"""key_lock: acquire+release of the per-key lock (``worker.locks.key_lock``) on a fresh key.
+"""key_lock: acquire+release of the per-key lock (``worker.kernel.locks.key_lock``) on a fresh key.
 
 ours: the median of N cycles ``async with key_lock(<fresh key>): pass`` inside a flow run
 against the local Prefect server (creating the key's global concurrency limit, acquiring a

@@ -1,8 +1,9 @@
 """step_overhead: what a durable step adds to the function it wraps.
 
-ours: ``read_counter`` (one single-row MariaDB read) as a durable step (``worker.steps.step``,
-persisted JSON result under its call key), called N times in a flow run with a distinct key
-input each time. ref: the same function called plainly N times in the same kind of flow run.
+ours: ``read_counter`` (one single-row MariaDB read) as a durable step
+(``worker.kernel.steps.step``, persisted JSON result under its call key), called N times in
+a flow run with a distinct key input each time. ref: the same function called plainly N times
+in the same kind of flow run.
 Result: the added p50 per call (target <= 10 ms) and ratio = ours/ref of the per-call medians.
 
 For the breakdown, the function is also timed with one sync Prefect client held by the flow

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from prefect.blocks.core import Block
 from pydantic import Field, PrivateAttr, SecretStr
 
-from worker.errors import ConfigError, InvalidParameterError, RetryableError, TerminalError
+from worker.kernel.errors import ConfigError, InvalidParameterError, RetryableError, TerminalError
 from worker.settings import Settings, env_name
 
 __all__ = [

@@ -36,7 +36,7 @@ class DeploymentSpec:
 
     @property
     def flow_name(self) -> str:
-        # Every service flow is named after its function (worker.service.service_flow).
+        # Every service flow is named after its function (worker.kernel.service.service_flow).
         return self.function
 
     @property

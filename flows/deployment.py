@@ -34,7 +34,7 @@ from tasks.db.transitions import (
 from tasks.db.versions import take_version
 from tasks.ids import new_nonce
 from tasks.runs import cancel_scheduled_run, send_call
-from worker.service import critical_section, parse, service_flow
+from worker.kernel.service import critical_section, parse, service_flow
 
 __all__ = [
     "change_desired_state",

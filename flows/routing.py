@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from flows.params import Id, Params
 from tasks.db.routes import reassign_routes
-from worker.service import critical_section, parse, service_flow
+from worker.kernel.service import critical_section, parse, service_flow
 
 __all__ = ["assign_frontline_routes"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from flows.params import Params, Region
 from tasks.db.versions import read_version, take_version
-from worker.service import critical_section, parse, service_flow
+from worker.kernel.service import critical_section, parse, service_flow
 
 __all__ = ["get_version", "next_version"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from worker.steps import step
+from worker.kernel.steps import step
 
 __all__ = ["new_nonce"]
 

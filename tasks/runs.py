@@ -13,8 +13,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled
 
 from worker import client as worker_client
-from worker.clock import now
-from worker.steps import step
+from worker.kernel.clock import now
+from worker.kernel.steps import step
 
 __all__ = ["cancel_scheduled_run", "send_call"]
 

@@ -101,7 +101,7 @@ def _trigger(args: argparse.Namespace) -> int:
 
     from deployments import by_flow_name
     from worker.client import FlowRunFailed, trigger
-    from worker.clock import now
+    from worker.kernel.clock import now
 
     try:
         by_flow_name(args.flow)
@@ -129,7 +129,7 @@ def _trigger(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ctrl-worker`` console script."""
     args = _parser().parse_args(argv)
-    from worker.errors import ConfigError, CtrlError
+    from worker.kernel.errors import ConfigError, CtrlError
 
     try:
         if args.command == "check-config":

@@ -31,7 +31,7 @@ from prefect.states import AwaitingRetry, Scheduled
 
 from deployments import DEPLOYMENT_NAME
 from worker import prefect_env
-from worker.errors import CtrlError, NotFoundError
+from worker.kernel.errors import CtrlError, NotFoundError
 from worker.settings import load_settings
 
 __all__ = [

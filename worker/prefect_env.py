@@ -11,7 +11,7 @@ import os
 from contextlib import AbstractContextManager
 
 from worker import local_server
-from worker.errors import ConfigError
+from worker.kernel.errors import ConfigError
 from worker.settings import Settings
 
 __all__ = ["RESULTS_BLOCK", "apply", "refresh_prefect_settings", "resolve_api_url", "worker_env"]

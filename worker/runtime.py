@@ -113,8 +113,8 @@ async def _run(
     from tasks.db.engine import dispose_engines, engine_for
     from tasks.db.schema import init_schema, missing_tables
     from worker.health import HealthState, serve_health
-    from worker.locks import ensure_key_limit
-    from worker.resume import ensure_crash_automation
+    from worker.kernel.locks import ensure_key_limit
+    from worker.kernel.resume import ensure_crash_automation
 
     cleanups = _Cleanups()
     stop = asyncio.Event()
@@ -255,7 +255,7 @@ async def _reconcile_forever(
 ) -> None:
     from prefect.client.orchestration import get_client
 
-    from worker.resume import reconcile_once
+    from worker.kernel.resume import reconcile_once
 
     while True:
         try:
@@ -306,7 +306,7 @@ async def _stop_runner(runner: Any, runner_task: asyncio.Task[Any], settings: Se
     # Free the keys the killed runs held now, not when their leases expire.
     from prefect.client.orchestration import get_client
 
-    from worker.resume import reconcile_once
+    from worker.kernel.resume import reconcile_once
 
     with contextlib.suppress(Exception):
         async with get_client() as client:

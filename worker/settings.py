@@ -21,9 +21,17 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.errors import ConfigError
+from worker.kernel.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Settings", "collect_problems", "env_name", "load_settings"]
+__all__ = [
+    "ENV_PREFIX",
+    "Settings",
+    "collect_problems",
+    "env_name",
+    "load_settings",
+    "use_settings",
+    "worker_settings",
+]
 
 ENV_PREFIX = "UNKEY_"
 
@@ -292,3 +300,29 @@ def load_settings(**overrides: Any) -> Settings:
     if problems or settings is None:
         raise ConfigError("bad config: " + "; ".join(problems))
     return settings
+
+
+_current: Settings | None = None
+
+
+def use_settings(settings: Settings | None) -> None:
+    """Make ``settings`` this process's settings (embedding programs, tests); None reloads.
+
+    Args:
+        settings: the settings every later ``worker_settings()`` call returns, or None to
+            read them from the environment again on the next call.
+    """
+    global _current
+    _current = settings
+
+
+def worker_settings() -> Settings:
+    """The settings of this process, loaded once (flow-run processes inherit the environment).
+
+    Raises:
+        ConfigError: the environment's configuration is invalid (every problem named).
+    """
+    global _current
+    if _current is None:
+        _current = load_settings()
+    return _current

@@ -7,9 +7,9 @@ from sqlalchemy import select, update
 from tasks.db.engine import is_mysql
 from tasks.db.schema import deployments, frontline_routes
 from tasks.db.session import control_plane_transaction
-from worker.clock import now_ms
-from worker.errors import ConflictError, NotFoundError
-from worker.steps import step
+from worker.kernel.clock import now_ms
+from worker.kernel.errors import ConflictError, NotFoundError
+from worker.kernel.steps import step
 
 __all__ = ["reassign_routes"]
 

@@ -8,14 +8,13 @@ from contextlib import contextmanager
 from sqlalchemy import Connection, Engine
 
 from tasks.db.engine import engine_for
+from worker.settings import worker_settings
 
 __all__ = ["control_plane", "control_plane_transaction"]
 
 
 def control_plane() -> Engine:
     """The engine for ``UNKEY_DATABASE_PRIMARY`` (or the embedded SQLite file)."""
-    from worker.service import worker_settings
-
     return engine_for(worker_settings().database_url())
 
 

@@ -16,9 +16,9 @@ from sqlalchemy import Row, Select, delete, select, update
 from tasks.db.engine import is_mysql
 from tasks.db.schema import deployment_topology, deployment_transitions, deployments, projects
 from tasks.db.session import control_plane_transaction
-from worker.clock import now_ms
-from worker.errors import RefusedError
-from worker.steps import step
+from worker.kernel.clock import now_ms
+from worker.kernel.errors import RefusedError
+from worker.kernel.steps import step
 
 __all__ = [
     "Transition",

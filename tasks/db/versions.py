@@ -13,8 +13,8 @@ from sqlalchemy.dialects import mysql, sqlite
 from tasks.db.engine import is_mysql
 from tasks.db.schema import region_versions
 from tasks.db.session import control_plane_transaction
-from worker.clock import now_ms
-from worker.steps import step
+from worker.kernel.clock import now_ms
+from worker.kernel.steps import step
 
 __all__ = ["increment_region_version", "read_region_version", "read_version", "take_version"]
 

@@ -32,7 +32,7 @@ from blocks.vault import (
     VaultUnavailableError,
     vault_from_settings,
 )
-from worker.errors import ConfigError, RetryableError, TerminalError
+from worker.kernel.errors import ConfigError, RetryableError, TerminalError
 from worker.settings import Settings
 
 PLAINTEXT = "-----BEGIN EC PRIVATE KEY-----PLAINTEXT-SENTINEL-7f3a-----END EC PRIVATE KEY-----"

@@ -51,9 +51,9 @@ from tests.support.seed import (
     transition,
 )
 from tests.support.worker_process import WorkerProcess
-from worker.errors import InvalidParameterError, RefusedError
-from worker.locks import ensure_key_limit
-from worker.resume import CRASH_AUTOMATION
+from worker.kernel.errors import InvalidParameterError, RefusedError
+from worker.kernel.locks import ensure_key_limit
+from worker.kernel.resume import CRASH_AUTOMATION
 
 CHANGE_DEPLOYMENT = "change_desired_state/ctrl"
 TOPOLOGY_STATUS = {"running": "started", "standby": "stopped", "archived": "stopped"}

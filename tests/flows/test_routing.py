@@ -23,7 +23,7 @@ from tests.support.seed import (
     route_deployments,
     seed_project,
 )
-from worker.errors import ConflictError, InvalidParameterError, NotFoundError
+from worker.kernel.errors import ConflictError, InvalidParameterError, NotFoundError
 
 
 @dataclass

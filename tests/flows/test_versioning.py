@@ -19,8 +19,8 @@ from tasks.db.schema import init_schema, region_versions
 from tasks.db.versions import increment_region_version, read_region_version
 from tests.flows.helpers import fails_at_once
 from tests.support.seed import fresh_region, region_counters
-from worker.errors import InvalidParameterError
-from worker.steps import durable_call
+from worker.kernel.errors import InvalidParameterError
+from worker.kernel.steps import durable_call
 
 
 @pytest.fixture

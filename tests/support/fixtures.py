@@ -81,8 +81,7 @@ def control_db(mysql_url: str, prefect_api: PrefectApi) -> Iterator[str]:
     this process's worker settings (flows called in-process use it)."""
     from tasks.db.engine import engine_for
     from tests.support.kernel_flows import test_metadata
-    from worker.service import use_settings
-    from worker.settings import Settings
+    from worker.settings import Settings, use_settings
 
     test_metadata.create_all(engine_for(mysql_url))
     use_settings(

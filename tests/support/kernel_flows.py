@@ -13,9 +13,9 @@ import time
 import sqlalchemy as sa
 
 from tasks.db.session import control_plane_transaction
-from worker.errors import InvalidParameterError
-from worker.service import critical_section, service_flow
-from worker.steps import step
+from worker.kernel.errors import InvalidParameterError
+from worker.kernel.service import critical_section, service_flow
+from worker.kernel.steps import step
 
 test_metadata = sa.MetaData()
 kernel_step_log = sa.Table(

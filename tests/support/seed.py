@@ -26,7 +26,7 @@ from tasks.db.schema import (
     workspaces,
 )
 from tasks.db.versions import increment_region_version
-from worker.clock import now_ms
+from worker.kernel.clock import now_ms
 
 __all__ = [
     "Project",

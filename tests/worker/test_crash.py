@@ -135,7 +135,7 @@ def test_key_of_a_killed_holder_is_free_within_the_lease(prefect_api, control_db
     script = textwrap.dedent(
         f"""
         import asyncio
-        from worker.service import use_settings
+        from worker.settings import use_settings
         from worker.settings import Settings
         from tests.support.kernel_flows import kernel_hold_key
         use_settings(Settings(_env_file=None, database_primary={control_db!r}))

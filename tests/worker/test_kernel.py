@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.fixtures import step_log
 from tests.support.kernel_flows import kernel_hold_key, kernel_three_steps
-from worker.steps import durable_call
+from worker.kernel.steps import durable_call
 
 
 def _counts(url: str, tag: str) -> Counter[str]:

@@ -12,8 +12,8 @@ from prefect.client.schemas.objects import StateType
 from prefect.states import Crashed, Running
 
 from tests.support.kernel_flows import kernel_three_steps
-from worker import runs
-from worker.resume import reconcile_once
+from worker.kernel import run_records
+from worker.kernel.resume import reconcile_once
 
 
 async def _deployment(client, name: str):
@@ -72,7 +72,7 @@ def test_a_dead_local_run_left_running_is_marked_crashed(prefect_api):
                 deployment_id, parameters={"tag": "x"}
             )
             await client.set_flow_run_state(flow_run.id, Running())
-            record = runs.records_dir() / f"{flow_run.id}.json"
+            record = run_records.records_dir() / f"{flow_run.id}.json"
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(
                 json.dumps(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import ConfigError
+from worker.kernel.errors import ConfigError
 from worker.settings import ENV_PREFIX, Settings, collect_problems, env_name, load_settings
 
 SECRETS = {

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from worker.errors import InvalidParameterError, NotFoundError, RetryableError
-from worker.service import service_flow
-from worker.steps import backoff_delays, durable_call, step, step_cache_key
+from worker.kernel.errors import InvalidParameterError, NotFoundError, RetryableError
+from worker.kernel.service import service_flow
+from worker.kernel.steps import backoff_delays, durable_call, step, step_cache_key
 
 ATTEMPTS: dict[str, int] = {}
 

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from worker.runs import RunRecord, _process_start, process_alive
+from worker.kernel.run_records import RunRecord, _process_start, process_alive
 
 
 def _record(pid: int, start: str, host: str | None = None) -> RunRecord:

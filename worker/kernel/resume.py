@@ -3,9 +3,9 @@
 Prefect leaves a SIGKILLed flow run ``Running`` and retries nothing. Every worker therefore
 reconciles, every ``UNKEY_RECONCILE_INTERVAL_SECONDS``:
 
-1. **Dead local runs.** A run record (``worker.runs``) whose process is gone: the run is marked
-   ``Crashed`` if Prefect still thinks it is alive, and the keys it held are released at once
-   (no waiting for the lease to expire).
+1. **Dead local runs.** A run record (``worker.kernel.run_records``) whose process is gone:
+   the run is marked ``Crashed`` if Prefect still thinks it is alive, and the keys it held
+   are released at once (no waiting for the lease to expire).
 2. **Crashed runs of the worker's deployments** (marked by 1., by the Runner when a child
    process dies, or by the heartbeat automation below for runs on a host that vanished): the
    same flow run is rescheduled (``AwaitingRetry``), so its finished steps replay from their
@@ -44,8 +44,8 @@ from prefect.concurrency._asyncio import arelease_concurrency_slots_with_lease
 from prefect.exceptions import ObjectNotFound
 from prefect.states import AwaitingRetry, Crashed, Failed
 
-from worker import metrics, runs
-from worker.clock import now
+from worker.kernel import metrics, run_records
+from worker.kernel.clock import now
 
 __all__ = ["CRASH_AUTOMATION", "ReconcileReport", "ensure_crash_automation", "reconcile_once"]
 
@@ -65,8 +65,8 @@ class ReconcileReport:
 
 
 async def _release_dead_local_runs(client: PrefectClient, report: ReconcileReport) -> None:
-    for record in runs.list_records():
-        if runs.process_alive(record):
+    for record in run_records.list_records():
+        if run_records.process_alive(record):
             continue
         flow_run_id = UUID(record.flow_run_id)
         try:
@@ -86,7 +86,7 @@ async def _release_dead_local_runs(client: PrefectClient, report: ReconcileRepor
                 report.released_leases += 1
             except Exception:  # the lease expired meanwhile: nothing left to release
                 log.debug("lease %s of dead run %s already gone", lease, flow_run_id)
-        runs.delete_record(record.flow_run_id)
+        run_records.delete_record(record.flow_run_id)
 
 
 async def _runs_in(

@@ -7,9 +7,9 @@ lease expires (``UNKEY_LOCK_LEASE_SECONDS``, >= 60 s; the server's repossessor a
 The server must keep leases in the filesystem lease storage, or a server restart leaks
 slots forever (../shared/reference/prefect-mechanics.md §4).
 
-A holder records its lease in its local run record (``worker.runs``), so a worker on the same
-host that finds the holder's process dead releases the key at once instead of waiting for the
-lease to expire.
+A holder records its lease in its local run record (``worker.kernel.run_records``), so a
+worker on the same host that finds the holder's process dead releases the key at once instead
+of waiting for the lease to expire.
 
 This mirrors ``prefect.concurrency.asyncio.concurrency`` (Prefect 3.8.8) with one addition:
 it needs the lease id, which the public context manager does not expose.
@@ -40,7 +40,7 @@ from prefect.concurrency._leases import amaintain_concurrency_lease
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from worker import metrics, runs
+from worker.kernel import metrics, run_records
 
 __all__ = ["ensure_key_limit", "key_lock", "lock_name"]
 
@@ -110,7 +110,7 @@ async def key_lock(key: str, *, lease_seconds: float = 60.0) -> AsyncIterator[UU
         )
     metrics.LOCK_WAIT_SECONDS.observe(time.monotonic() - waited_from)
     lease_id = response.lease_id
-    runs.add_lease(lease_id)
+    run_records.add_lease(lease_id)
     events = emit_concurrency_acquisition_events(response.limits, 1)
     try:
         # Losing the lease means losing exclusivity: stop the holder rather than run unguarded.
@@ -121,5 +121,5 @@ async def key_lock(key: str, *, lease_seconds: float = 60.0) -> AsyncIterator[UU
     finally:
         with anyio.CancelScope(shield=True):
             await arelease_concurrency_slots_with_lease(lease_id=lease_id)
-            runs.remove_lease(lease_id)
+            run_records.remove_lease(lease_id)
             emit_concurrency_release_events(response.limits, 1, events)

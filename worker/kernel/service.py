@@ -26,34 +26,16 @@ from prefect import Flow, flow
 from prefect.context import SyncClientContext
 from pydantic import BaseModel, ValidationError
 
-from worker import metrics, runs
-from worker.errors import InvalidParameterError, is_terminal
-from worker.locks import key_lock
-from worker.settings import Settings
+from worker.kernel import metrics, run_records
+from worker.kernel.errors import InvalidParameterError, is_terminal
+from worker.kernel.locks import key_lock
+from worker.settings import worker_settings
 
-__all__ = ["critical_section", "parse", "service_flow", "use_settings", "worker_settings"]
+__all__ = ["critical_section", "parse", "service_flow"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M", bound=BaseModel)
-
-_settings: Settings | None = None
-
-
-def use_settings(settings: Settings | None) -> None:
-    """Make ``settings`` this process's settings (embedding programs, tests); None reloads."""
-    global _settings
-    _settings = settings
-
-
-def worker_settings() -> Settings:
-    """The settings of this process, loaded once (flow-run processes inherit the environment)."""
-    global _settings
-    if _settings is None:
-        from worker.settings import load_settings
-
-        _settings = load_settings()
-    return _settings
 
 
 def parse(model: type[M], **values: Any) -> M:
@@ -84,7 +66,7 @@ def service_flow(
             metrics.RUNS_STARTED.labels(flow=name).inc()
             # Steps are sync tasks: without a shared sync client Prefect builds one per step
             # call (TLS context and all), ~20 of the ~28 ms a step cost (bench/step_overhead).
-            with runs.run_record(), SyncClientContext.get_or_create():
+            with run_records.run_record(), SyncClientContext.get_or_create():
                 try:
                     result = await fn(*args, **kwargs)
                 except BaseException as exc:

@@ -37,8 +37,8 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import State
 
-from worker import metrics
-from worker.errors import is_terminal
+from worker.kernel import metrics
+from worker.kernel.errors import is_terminal
 
 __all__ = ["backoff_delays", "call_key", "durable_call", "step", "step_cache_key"]
 
