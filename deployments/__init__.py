@@ -12,9 +12,28 @@ from typing import Any
 
 from prefect import Flow
 
-__all__ = ["CATALOGUE", "DEPLOYMENT_NAME", "DeploymentSpec", "by_flow_name"]
+__all__ = [
+    "CATALOGUE",
+    "DEPLOYMENT_NAME",
+    "JOB_VARIABLES",
+    "POOL_NAME",
+    "PULL_STEPS",
+    "WORK_QUEUE_NAME",
+    "DeploymentSpec",
+    "by_flow_name",
+]
 
 DEPLOYMENT_NAME = "ctrl"
+POOL_NAME = "ctrl"
+WORK_QUEUE_NAME = "default"
+# The code is already on the worker's machine (a checkout, the Docker image): the pull step
+# only moves into it. CTRL_WORKER_DIR is resolved in the flow-run process.
+PULL_STEPS: list[dict[str, Any]] = [
+    {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $CTRL_WORKER_DIR }}"}}
+]
+# Every flow-run process, whichever worker starts it, sends heartbeats: the crash automation
+# marks a run without them Crashed after 90 s (stock workers do not set this themselves).
+JOB_VARIABLES: dict[str, Any] = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from tasks.db.transitions import (
 )
 from tasks.db.versions import take_version
 from tasks.ids import new_nonce
-from tasks.runs import cancel_scheduled_run, send_call
+from tasks.prefect_calls import cancel_scheduled_run, send_call
 from worker.kernel.service import critical_section, parse, service_flow
 
 __all__ = [

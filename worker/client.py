@@ -18,6 +18,7 @@ its finished steps replay from their records, only the rest executes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -26,12 +27,11 @@ from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.exceptions import ObjectNotFound
-from prefect.states import AwaitingRetry, Scheduled
 
-from deployments import DEPLOYMENT_NAME
 from worker import prefect_env
-from worker.kernel.errors import CtrlError, NotFoundError
+from worker.kernel.calls import submit_call
+from worker.kernel.errors import CtrlError
+from worker.kernel.events import watch_events
 from worker.settings import load_settings
 
 __all__ = [
@@ -48,8 +48,9 @@ __all__ = [
     "wait_for_result",
 ]
 
-_RERUNNABLE = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
-_deployment_ids: dict[str, UUID] = {}
+# A Crashed run is not final for a caller: the reconciler resumes it (or gives up: Failed).
+_FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED}
+FALLBACK_POLL_SECONDS = 2.0
 
 
 class FlowRunFailed(CtrlError):
@@ -87,23 +88,6 @@ async def connect() -> AsyncIterator[PrefectClient]:
             yield client
 
 
-async def _deployment_id(client: PrefectClient, flow_name: str) -> UUID:
-    full_name = f"{flow_name}/{DEPLOYMENT_NAME}"
-    cache_key = f"{client.api_url}|{full_name}"
-    cached = _deployment_ids.get(cache_key)
-    if cached is not None:
-        return cached
-    try:
-        deployment = await client.read_deployment_by_name(full_name)
-    except ObjectNotFound:
-        raise NotFoundError(
-            f"deployment '{full_name}' not found: is a worker (`ctrl-worker run`) or "
-            "`prefect deploy` of this version registered with this Prefect API?"
-        ) from None
-    _deployment_ids[cache_key] = deployment.id
-    return deployment.id
-
-
 async def submit(
     flow_name: str,
     parameters: dict[str, Any],
@@ -112,52 +96,59 @@ async def submit(
     scheduled_time: datetime | None = None,
     client: PrefectClient | None = None,
 ) -> FlowRun:
-    """Create (or find, by idempotency key) a flow run of ``flow_name``'s deployment."""
+    """Create (or find, by idempotency key) a flow run of ``flow_name``'s deployment.
+
+    Raises:
+        NotFoundError: the Prefect API has no ``<flow_name>/ctrl`` deployment.
+    """
     if client is None:
         async with connect() as own:
-            return await submit(
+            return await submit_call(
+                own,
                 flow_name,
                 parameters,
                 idempotency_key=idempotency_key,
                 scheduled_time=scheduled_time,
-                client=own,
             )
+    return await submit_call(
+        client,
+        flow_name,
+        parameters,
+        idempotency_key=idempotency_key,
+        scheduled_time=scheduled_time,
+    )
 
-    async def create() -> FlowRun:
-        return await client.create_flow_run_from_deployment(
-            await _deployment_id(client, flow_name),
-            parameters=parameters,
-            state=Scheduled(scheduled_time=scheduled_time) if scheduled_time else None,
-            idempotency_key=idempotency_key,
-        )
 
-    try:
-        flow_run = await create()
-    except ObjectNotFound:
-        # The deployment was re-created (new id) since we cached it: look it up again.
-        _deployment_ids.clear()
-        flow_run = await create()
-    if idempotency_key and flow_run.state is not None and flow_run.state.type in _RERUNNABLE:
-        # The key's run ended without completing: run it again; finished steps replay.
-        await client.set_flow_run_state(
-            flow_run.id,
-            AwaitingRetry(message=f"re-run: called again with idempotency key {idempotency_key!r}"),
-            force=True,
-        )
-        flow_run = await client.read_flow_run(flow_run.id)
-    return flow_run
+def _end_watch(flow_run_id: UUID, ended: asyncio.Event) -> asyncio.Task[None]:
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    final = {state.value for state in _FINAL}
+    filter = EventFilter(
+        event=EventNameFilter(prefix=["prefect.flow-run."]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+    )
+
+    def on_event(event: Any) -> None:
+        if event.resource.get("prefect.state-type") in final:
+            ended.set()
+
+    return asyncio.get_running_loop().create_task(watch_events(filter, on_event))
 
 
 async def wait_for_result(
     flow_run_id: UUID,
     *,
     timeout: float | None = None,
-    poll_interval: float = 0.25,
+    poll_interval: float = FALLBACK_POLL_SECONDS,
     client: PrefectClient | None = None,
 ) -> Any:
     """Wait until the run is final; return its result or raise ``FlowRunFailed``.
 
+    The end is learnt from the server's events for the run (the subscription replays the
+    last minute, so an end just before it is not missed); ``poll_interval`` is the fallback.
+
     Raises:
+        FlowRunFailed: the run ended Failed or Cancelled (its message says why).
         TimeoutError: the run is not final after ``timeout`` seconds.
     """
     if client is None:
@@ -167,16 +158,25 @@ async def wait_for_result(
             )
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
-    while True:
-        flow_run = await client.read_flow_run(flow_run_id)
-        state = flow_run.state
-        if state is not None and state.is_final():
-            if state.is_completed():
-                return await state.aresult()
-            raise FlowRunFailed(flow_run_id, state.name or str(state.type), state.message or "")
-        if deadline is not None and loop.time() >= deadline:
-            raise TimeoutError(f"flow run {flow_run_id} is not finished after {timeout} s")
-        await asyncio.sleep(poll_interval)
+    ended = asyncio.Event()
+    watcher = _end_watch(flow_run_id, ended)
+    try:
+        while True:
+            state = (await client.read_flow_run(flow_run_id)).state
+            if state is not None and state.type in _FINAL:
+                if state.is_completed():
+                    return await state.aresult()
+                raise FlowRunFailed(flow_run_id, state.name or str(state.type), state.message or "")
+            wait = poll_interval if deadline is None else min(poll_interval, deadline - loop.time())
+            if wait <= 0:
+                raise TimeoutError(f"flow run {flow_run_id} is not finished after {timeout} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), wait)
+            ended.clear()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watcher
 
 
 async def trigger(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 from worker import local_server
 from worker.kernel.errors import ConfigError
@@ -17,6 +18,7 @@ from worker.settings import Settings
 __all__ = ["RESULTS_BLOCK", "apply", "refresh_prefect_settings", "resolve_api_url", "worker_env"]
 
 RESULTS_BLOCK = "ctrl-results"  # blocks.results saves it under this name
+CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout holding flows/, tasks/, worker/
 
 
 def resolve_api_url(settings: Settings) -> str:
@@ -46,17 +48,39 @@ def worker_env(settings: Settings, api_url: str) -> dict[str, str]:
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         # Heartbeats let the crash automation mark a silently dead run Crashed within ~90 s.
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
-        "PREFECT_RUNNER_POLL_FREQUENCY": str(max(1, round(settings.runner_poll_seconds))),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # Flow-run processes may run elsewhere than the worker's cwd.
         "UNKEY_STATE_DIR": str(settings.state_path),
+        # The pull step of every deployment moves into the code (prefect.yaml): by default
+        # the checkout this worker runs from.
+        "CTRL_WORKER_DIR": os.environ.get("CTRL_WORKER_DIR") or str(CODE_DIR),
     }
+    if api_url.startswith("http://") and not os.environ.get("PREFECT_API_SSL_CERT_FILE"):
+        # Every Prefect client parses the whole CA bundle even for plain http (~16-37 ms and
+        # ~220 ms of CPU per flow run, fast-dispatch.md): give it one certificate to parse.
+        env["PREFECT_API_SSL_CERT_FILE"] = str(_small_ca_file(settings.state_path))
     if settings.results_s3_bucket:
         # Saved by the worker at startup (blocks.results); every flow-run process loads it.
         env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = f"s3-bucket/{RESULTS_BLOCK}"
     if not os.environ.get("UNKEY_DATABASE_PRIMARY"):
         env["UNKEY_DATABASE_PRIMARY"] = settings.database_url()
     return env
+
+
+def _small_ca_file(state_dir: Path) -> Path:
+    """A PEM file with one CA certificate (the first of certifi's bundle), written once."""
+    path = state_dir / "one-ca.pem"
+    if not path.exists():
+        import certifi
+
+        bundle = Path(certifi.where()).read_text()
+        end = "-----END CERTIFICATE-----"
+        first = bundle[bundle.index("-----BEGIN CERTIFICATE-----") : bundle.index(end) + len(end)]
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(first + "\n")
+        tmp.replace(path)
+    return path
 
 
 # Older spellings Prefect also reads; left in the environment they could shadow ours in a

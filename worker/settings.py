@@ -77,14 +77,16 @@ class Settings(BaseSettings):
     http_port: int = Field(default=7092, ge=0, le=65535)
     prometheus_port: int = Field(default=0, ge=0, le=65535)
     state_dir: Path = Path(".ctrl")
-    # A served run starts ~2.3 s after the call with a 1 s poll, 8.4 s with Prefect's 10 s.
-    runner_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Runs start on the server's events; the poll is only the fallback (missed events).
+    runner_poll_seconds: float = Field(default=2.0, gt=0, le=60)
     worker_limit: int = Field(default=10, ge=1, le=1000)
     lock_lease_seconds: int = Field(default=60, ge=60, le=86400)
     resume_max_attempts: int = Field(default=3, ge=0, le=100)
     reconcile_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
+    durable_sleep_inline_seconds: float = Field(default=30.0, ge=0, le=3600)
     prefect_server_port: int = Field(default=0, ge=0, le=65535)
+    prefect_server_database: Literal["postgres", "sqlite"] = "postgres"
 
     # -- control-plane database -------------------------------------------------------------
     # A URL can carry a password, so it is a secret: it never reaches logs or messages.

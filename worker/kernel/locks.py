@@ -1,25 +1,38 @@
 """Per-key locks: Restate's exclusive virtual-object handlers on Prefect.
 
-A key (``versioning:region:local.dev``) is a Prefect global concurrency limit of the same
-name with limit 1, created on demand, acquired strictly (a missing limit is an error, never
-an unguarded run) with a lease: a holder that dies without releasing loses the key when the
-lease expires (``UNKEY_LOCK_LEASE_SECONDS``, >= 60 s; the server's repossessor adds <= 15 s).
-The server must keep leases in the filesystem lease storage, or a server restart leaks
-slots forever (../shared/reference/prefect-mechanics.md §4).
+A key (``versioning:region:local.dev``) is a Prefect global concurrency limit of the same name
+with limit 1, created on demand and acquired strictly (a missing limit is created, never an
+unguarded run) with a lease: a holder that dies without releasing loses the key when the lease
+expires (``UNKEY_LOCK_LEASE_SECONDS``, >= 60 s; the server's repossessor adds <= 15 s). The
+server must keep leases in the filesystem lease storage, or a server restart leaks slots
+forever (../shared/reference/prefect-mechanics.md §4).
+
+**Handoff.** Prefect's own acquisition retries after the server's ``Retry-After`` (up to 30 s
+under contention, 2 s with the embedded server's cap). Here a holder announces its release
+with a ``prefect.concurrency-limit.released`` event, and a waiter, subscribed to that event
+for its limit, tries again at once: a key changes hands in tens of milliseconds. The
+``Retry-After`` stays the fallback (a holder that died announces nothing).
 
 A holder records its lease in its local run record (``worker.kernel.run_records``), so a
 worker on the same host that finds the holder's process dead releases the key at once instead
-of waiting for the lease to expire.
+of waiting for the lease to expire. A durable sleep releases the keys of its run early
+(``release_held_keys``); the block then does not release them a second time.
 
-This mirrors ``prefect.concurrency.asyncio.concurrency`` (Prefect 3.8.8) with one addition:
-it needs the lease id, which the public context manager does not expose.
+Only public client methods are used (``increment_concurrency_slots_with_lease``,
+``renew_concurrency_lease``, ``release_concurrency_slots_with_lease``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
 from uuid import UUID
 
 import anyio
@@ -27,26 +40,72 @@ import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.concurrency._asyncio import (
-    ConcurrencySlotAcquisitionError,
-    aacquire_concurrency_slots_with_lease,
-    arelease_concurrency_slots_with_lease,
-)
-from prefect.concurrency._events import (
-    emit_concurrency_acquisition_events,
-    emit_concurrency_release_events,
-)
-from prefect.concurrency._leases import amaintain_concurrency_lease
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from worker.kernel import metrics, run_records
+from worker.kernel.events import watch_events
 
-__all__ = ["ensure_key_limit", "key_lock", "lock_name"]
+__all__ = [
+    "HeldKey",
+    "KeyLostError",
+    "ensure_key_limit",
+    "held_keys",
+    "key_lock",
+    "lock_name",
+    "release_held_keys",
+]
 
-_created: set[str] = set()
+log = logging.getLogger("ctrl.worker.locks")
+
+RELEASED_EVENT = "prefect.concurrency-limit.released"
+ACQUIRED_EVENT = "prefect.concurrency-limit.acquired"
+# A waiter that hears nothing (a dead holder, a lost event) asks again after this long at most.
+MAX_WAIT_BETWEEN_ATTEMPTS = 2.0
+
+_limit_ids: dict[str, UUID] = {}
 # Prefect refuses these in limit names.
 _BANNED = str.maketrans({c: "_" for c in "/%&<>"})
+
+
+class _LimitGone(Exception):
+    """The limit of a key does not exist (any more)."""
+
+
+class KeyLostError(RuntimeError):
+    """The lease of a held key could not be renewed: exclusivity is no longer guaranteed."""
+
+
+@dataclass
+class HeldKey:
+    """One key held by the current call."""
+
+    name: str
+    limit_id: UUID
+    lease_id: UUID
+    released: bool = False
+    renewer: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def release(self) -> None:
+        """Give the key back (idempotent) and tell waiters."""
+        if self.released:
+            return
+        self.released = True
+        if self.renewer is not None:
+            self.renewer.cancel()
+        async with get_client() as client:
+            try:
+                await client.release_concurrency_slots_with_lease(self.lease_id)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 404:  # expired meanwhile: nothing to release
+                    raise
+        run_records.remove_lease(self.lease_id)
+        _announce(RELEASED_EVENT, self)
+
+
+_HELD: contextvars.ContextVar[tuple[HeldKey, ...]] = contextvars.ContextVar(
+    "ctrl_held_keys", default=()
+)
 
 
 def lock_name(key: str) -> str:
@@ -54,30 +113,40 @@ def lock_name(key: str) -> str:
     return key.translate(_BANNED)
 
 
-async def ensure_key_limit(key: str) -> None:
-    """Create the limit for ``key`` (limit 1) unless this process already knows it exists."""
+def held_keys() -> tuple[HeldKey, ...]:
+    """The keys the current call holds, outermost first."""
+    return _HELD.get()
+
+
+async def release_held_keys() -> None:
+    """Release every key the current call holds now (a durable sleep frees its keys)."""
+    for held in reversed(_HELD.get()):
+        await held.release()
+
+
+async def ensure_key_limit(key: str) -> UUID:
+    """Create the limit for ``key`` (limit 1) unless it exists; returns its id."""
     name = lock_name(key)
-    if name in _created:
-        return
+    known = _limit_ids.get(name)
+    if known is not None:
+        return known
     async with get_client() as client:
         try:
-            # Look first: every new flow-run process would otherwise try a create that the
-            # server refuses (and logs with a traceback) when the key already exists.
-            await client.read_global_concurrency_limit_by_name(name)
-            _created.add(name)
-            return
+            # Look first: creating an existing limit makes the server log a traceback.
+            limit = await client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            pass
-        try:
-            await client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
-            )
-        except ObjectAlreadyExists:
-            pass
-        except httpx.HTTPStatusError as exc:  # older servers answer 409 without the mapping
-            if exc.response.status_code != 409:
-                raise
-    _created.add(name)
+            try:
+                await client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
+                )
+            except ObjectAlreadyExists:
+                pass
+            except httpx.HTTPStatusError as exc:  # older servers answer 409 without mapping
+                if exc.response.status_code != 409:
+                    raise
+            limit = await client.read_global_concurrency_limit_by_name(name)
+    _limit_ids[name] = limit.id
+    return limit.id
 
 
 def _holder() -> ConcurrencyLeaseHolder | None:
@@ -87,39 +156,137 @@ def _holder() -> ConcurrencyLeaseHolder | None:
     return ConcurrencyLeaseHolder(type="flow_run", id=ctx.flow_run.id)
 
 
+def _announce(event: str, held: HeldKey) -> None:
+    from prefect.events import emit_event
+
+    with contextlib.suppress(Exception):  # an announcement is an optimisation, never a failure
+        emit_event(
+            event=event,
+            resource={
+                "prefect.resource.id": f"prefect.concurrency-limit.{held.limit_id}",
+                "prefect.resource.name": held.name,
+                "slots-acquired": "1",
+                "limit": "1",
+            },
+        )
+
+
+class _ReleaseWatch:
+    """Release events of one limit, opened on the first refused attempt only."""
+
+    def __init__(self, limit_id: UUID) -> None:
+        self.limit_id = limit_id
+        self.heard = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+        filter = EventFilter(
+            event=EventNameFilter(name=[RELEASED_EVENT]),
+            resource=EventResourceFilter(id=[f"prefect.concurrency-limit.{self.limit_id}"]),
+        )
+        await watch_events(filter, lambda _event: self.heard.set())
+
+    async def wait(self, seconds: float) -> None:
+        self.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.heard.wait(), seconds)
+        self.heard.clear()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+async def _acquire(name: str, limit_id: UUID, lease_seconds: float) -> UUID:
+    watch = _ReleaseWatch(limit_id)
+    try:
+        async with get_client() as client:
+            while True:
+                try:
+                    response = await client.increment_concurrency_slots_with_lease(
+                        names=[name],
+                        slots=1,
+                        mode="concurrency",
+                        lease_duration=lease_seconds,
+                        holder=_holder(),
+                    )
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code != 423:
+                        raise
+                    retry_after = float(exc.response.headers.get("Retry-After", 1.0))
+                    await watch.wait(min(retry_after, MAX_WAIT_BETWEEN_ATTEMPTS))
+                    continue
+                body: dict[str, Any] = response.json()
+                if not body.get("limits"):
+                    raise _LimitGone(name)
+                return UUID(body["lease_id"])
+    finally:
+        await watch.close()
+
+
+async def _renew_forever(held: HeldKey, lease_seconds: float, owner: asyncio.Task[Any]) -> None:
+    # Renew well before expiry; a lease that cannot be renewed means another call may take
+    # the key: stop the holder rather than let it run unguarded.
+    interval = max(1.0, lease_seconds / 4)
+    failures = 0
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            async with get_client() as client:
+                await client.renew_concurrency_lease(held.lease_id, lease_seconds)
+            failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failures += 1
+            if failures * interval >= lease_seconds * 0.75:
+                log.error("lost the lease of key %s: %s", held.name, exc)
+                owner.cancel(f"lost the lease of key {held.name}")
+                return
+
+
 @asynccontextmanager
-async def key_lock(key: str, *, lease_seconds: float = 60.0) -> AsyncIterator[UUID]:
-    """Hold the per-key lock for the body of the block; yields the lease id.
+async def key_lock(key: str, *, lease_seconds: float = 60.0) -> AsyncIterator[HeldKey]:
+    """Hold the per-key lock for the body of the block; yields the held key (its lease id).
 
     Raises:
-        ConcurrencySlotAcquisitionError: the Prefect API refused the acquisition.
+        KeyLostError: the lease could not be renewed while the body ran.
     """
     name = lock_name(key)
-    await ensure_key_limit(key)
+    limit_id = await ensure_key_limit(key)
     waited_from = time.monotonic()
     try:
-        response = await aacquire_concurrency_slots_with_lease(
-            names=[name], slots=1, lease_duration=lease_seconds, strict=True, holder=_holder()
-        )
-    except ConcurrencySlotAcquisitionError:
-        # Deleted behind our back (an operator cleaning up limits): create it and try once more.
-        _created.discard(name)
-        await ensure_key_limit(key)
-        response = await aacquire_concurrency_slots_with_lease(
-            names=[name], slots=1, lease_duration=lease_seconds, strict=True, holder=_holder()
-        )
+        lease_id = await _acquire(name, limit_id, lease_seconds)
+    except _LimitGone:
+        # Deleted behind our back (an operator cleaning up limits): create it, try once more.
+        _limit_ids.pop(name, None)
+        limit_id = await ensure_key_limit(key)
+        lease_id = await _acquire(name, limit_id, lease_seconds)
     metrics.LOCK_WAIT_SECONDS.observe(time.monotonic() - waited_from)
-    lease_id = response.lease_id
+    held = HeldKey(name=name, limit_id=limit_id, lease_id=lease_id)
     run_records.add_lease(lease_id)
-    events = emit_concurrency_acquisition_events(response.limits, 1)
+    _announce(ACQUIRED_EVENT, held)
+    owner = asyncio.current_task()
+    assert owner is not None
+    held.renewer = asyncio.get_running_loop().create_task(
+        _renew_forever(held, lease_seconds, owner)
+    )
+    token = _HELD.set((*_HELD.get(), held))
     try:
-        # Losing the lease means losing exclusivity: stop the holder rather than run unguarded.
-        async with amaintain_concurrency_lease(
-            lease_id, lease_seconds, raise_on_lease_renewal_failure=True
-        ):
-            yield lease_id
+        yield held
+    except asyncio.CancelledError:
+        if held.renewer.done() and not held.released:
+            raise KeyLostError(f"lost the lease of key {name}") from None
+        raise
     finally:
+        _HELD.reset(token)
         with anyio.CancelScope(shield=True):
-            await arelease_concurrency_slots_with_lease(lease_id=lease_id)
-            run_records.remove_lease(lease_id)
-            emit_concurrency_release_events(response.limits, 1, events)
+            await held.release()

@@ -1,27 +1,31 @@
 """Resumption: what Restate does when an invocation's process dies, done by the worker.
 
-Prefect leaves a SIGKILLed flow run ``Running`` and retries nothing. Every worker therefore
-reconciles, every ``UNKEY_RECONCILE_INTERVAL_SECONDS``:
+Prefect leaves a SIGKILLed flow run ``Running`` and retries nothing. Every ``ctrl-worker run``
+therefore reconciles, every ``UNKEY_RECONCILE_INTERVAL_SECONDS``:
 
 1. **Dead local runs.** A run record (``worker.kernel.run_records``) whose process is gone:
    the run is marked ``Crashed`` if Prefect still thinks it is alive, and the keys it held
    are released at once (no waiting for the lease to expire).
-2. **Crashed runs of the worker's deployments** (marked by 1., by the Runner when a child
-   process dies, or by the heartbeat automation below for runs on a host that vanished): the
-   same flow run is rescheduled (``AwaitingRetry``), so its finished steps replay from their
-   records and only the interrupted one runs again. After ``UNKEY_RESUME_MAX_ATTEMPTS``
-   resumptions it is marked ``Failed`` instead, so nothing loops forever.
-3. **Runs stuck in ``Pending``** (the worker died between claiming a run and starting its
-   process) are rescheduled after ``PENDING_TIMEOUT``.
+2. **Crashed runs of the pool's deployments** (marked by 1., by a worker when a child process
+   died, or by the heartbeat automation below for runs on a host that vanished): the same
+   flow run is rescheduled (``AwaitingRetry``), so its finished steps replay from their
+   records and only the interrupted one runs again. At most ``UNKEY_RESUME_MAX_ATTEMPTS``
+   resumptions (0 = never resume); then the reconciler gives up: a flow with a give-up hook
+   gets one more attempt that runs only the hook (``worker.kernel.hooks``), any other is
+   marked ``Failed``.
+3. **Runs stuck in ``Pending``** (a worker died between claiming a run and starting its
+   process) are treated like crashed ones after ``PENDING_TIMEOUT``.
+
+**Never two live copies.** A run is rescheduled only when its process is known dead (1.) or
+Prefect declared it crashed (2., 3.), and the state change is a compare-and-set: every
+reconciler (and every client re-running a failed call, ``worker.kernel.calls``) changes a
+run's state only while holding the ``ctrl:runs`` key, after reading the run again, and only if
+its state is still the one it decided on. Two reconcilers racing on one crashed run resume it
+exactly once.
 
 The heartbeat automation (``ensure_crash_automation``) marks a ``Running`` run with no
-heartbeat for 90 s ``Crashed``: no run stays ``Running`` forever even when no worker ever
-comes back on its host.
-
-Never two live copies: a run is rescheduled only when its process is known dead (1.) or
-Prefect declared it crashed (2., 3.). A run declared crashed that is in fact alive (a
-partitioned host) can overlap with its resumed copy only outside its critical section: the
-per-key lock is held by the old copy until its lease is lost.
+heartbeat for 90 s ``Crashed``: no run stays ``Running`` forever even when no worker ever comes
+back on its host.
 """
 
 from __future__ import annotations
@@ -40,20 +44,39 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.concurrency._asyncio import arelease_concurrency_slots_with_lease
 from prefect.exceptions import ObjectNotFound
-from prefect.states import AwaitingRetry, Crashed, Failed
+from prefect.states import Crashed, Failed
 
 from worker.kernel import metrics, run_records
+from worker.kernel.calls import RESUME_MESSAGE, change_state_if_unchanged, resumptions_of
 from worker.kernel.clock import now
+from worker.kernel.hooks import GIVE_UP_PREFIX, GIVE_UP_TAG, has_give_up_hook
 
-__all__ = ["CRASH_AUTOMATION", "ReconcileReport", "ensure_crash_automation", "reconcile_once"]
+__all__ = [
+    "CRASH_AUTOMATION",
+    "PENDING_TIMEOUT",
+    "ReconcileReport",
+    "ensure_crash_automation",
+    "reconcile_once",
+]
 
 log = logging.getLogger("ctrl.worker.resume")
 
 CRASH_AUTOMATION = "ctrl-worker: crash flow runs without heartbeat"
 PENDING_TIMEOUT = timedelta(seconds=120)
 _ALIVE = {StateType.RUNNING, StateType.PENDING, StateType.CANCELLING}
+# States whose event means "this run is not lost": ends, reschedules, pauses, durable sleeps.
+_NOT_LOST_EVENTS = {
+    "prefect.flow-run.heartbeat",
+    "prefect.flow-run.Completed",
+    "prefect.flow-run.Failed",
+    "prefect.flow-run.Cancelled",
+    "prefect.flow-run.Crashed",
+    "prefect.flow-run.AwaitingRetry",
+    "prefect.flow-run.Paused",
+    "prefect.flow-run.Suspended",
+    "prefect.flow-run.Sleeping",
+}
 
 
 @dataclass
@@ -82,7 +105,7 @@ async def _release_dead_local_runs(client: PrefectClient, report: ReconcileRepor
             report.marked_crashed.append(flow_run_id)
         for lease in record.leases:
             try:
-                await arelease_concurrency_slots_with_lease(UUID(lease))
+                await client.release_concurrency_slots_with_lease(UUID(lease))
                 report.released_leases += 1
             except Exception:  # the lease expired meanwhile: nothing left to release
                 log.debug("lease %s of dead run %s already gone", lease, flow_run_id)
@@ -101,14 +124,57 @@ async def _runs_in(
     )
 
 
+async def _repair(
+    client: PrefectClient,
+    flow_run: FlowRun,
+    max_resumes: int,
+    flow_name: str,
+    report: ReconcileReport,
+) -> None:
+    """Resume, give up (hook attempt) or fail one crashed/stuck run, if its state is unchanged."""
+    assert flow_run.state is not None
+    last = flow_run.state.message or flow_run.state.name or "?"
+    resumed = await resumptions_of(client, flow_run.id)
+    if GIVE_UP_TAG in (flow_run.tags or []) or resumed < max_resumes:
+        # Crashed while running its give-up hook, or resumptions left: run it again.
+        giving_up = GIVE_UP_TAG in (flow_run.tags or [])
+        if giving_up and resumed >= max_resumes + 2:
+            await _fail(client, flow_run, f"its give-up hook never completed (last: {last})")
+            report.gave_up.append(flow_run.id)
+            return
+        if await change_state_if_unchanged(client, flow_run, RESUME_MESSAGE):
+            report.resumed.append(flow_run.id)
+            metrics.RUNS_RESUMED.labels(flow=flow_name).inc()
+        return
+    reason = f"gave up after {resumed + 1} attempts: the run crashed each time (last: {last})"
+    if has_give_up_hook(flow_name):
+        await client.update_flow_run(flow_run.id, tags=[*(flow_run.tags or []), GIVE_UP_TAG])
+        changed = await change_state_if_unchanged(client, flow_run, GIVE_UP_PREFIX + reason)
+    else:
+        changed = await _fail(client, flow_run, reason)
+    if changed:
+        report.gave_up.append(flow_run.id)
+
+
+async def _fail(client: PrefectClient, flow_run: FlowRun, reason: str) -> bool:
+    return await change_state_if_unchanged(client, flow_run, reason, state=Failed(message=reason))
+
+
 async def reconcile_once(
     client: PrefectClient,
     deployment_ids: list[UUID],
     *,
-    max_attempts: int,
+    max_resumes: int,
     flow_names: dict[UUID, str] | None = None,
 ) -> ReconcileReport:
-    """One pass of the three repairs above over the given deployments."""
+    """One pass of the three repairs above over the given deployments.
+
+    Args:
+        client: a Prefect client.
+        deployment_ids: the deployments whose crashed runs this worker repairs.
+        max_resumes: how many times one run may be resumed (0 = never).
+        flow_names: the flow name of each deployment (metrics, give-up hooks).
+    """
     report = ReconcileReport()
     await _release_dead_local_runs(client, report)
     if not deployment_ids:
@@ -121,64 +187,42 @@ async def reconcile_once(
         if run.state is not None and run.state.timestamp < stale_before
     ]
     for flow_run in [*crashed, *stuck]:
-        if flow_run.run_count > max_attempts:
-            await client.set_flow_run_state(
-                flow_run.id,
-                Failed(
-                    message=f"gave up after {flow_run.run_count} attempts: the run crashed "
-                    f"each time (last: {flow_run.state.message if flow_run.state else '?'})"
-                ),
-                force=True,
-            )
-            report.gave_up.append(flow_run.id)
-            continue
-        await client.set_flow_run_state(
-            flow_run.id,
-            AwaitingRetry(message="resumed by the worker after a crash; finished steps replay"),
-            force=True,
-        )
-        report.resumed.append(flow_run.id)
         name = (flow_names or {}).get(flow_run.deployment_id or UUID(int=0), "unknown")
-        metrics.RUNS_RESUMED.labels(flow=name).inc()
+        await _repair(client, flow_run, max_resumes, name, report)
     return report
 
 
 async def ensure_crash_automation(client: PrefectClient, window_seconds: int = 90) -> None:
-    """Create (once) the automation that marks runs without heartbeats ``Crashed``."""
+    """Create (or bring up to date) the automation marking runs without heartbeats ``Crashed``."""
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
-    existing = await client.read_automations_by_name(CRASH_AUTOMATION)
-    if existing:
-        return
-    await client.create_automation(
-        AutomationCore(
-            name=CRASH_AUTOMATION,
-            description="Marks a flow run Crashed when its heartbeats stop (the worker then "
-            "resumes it). Created by ctrl-worker.",
-            trigger=EventTrigger(
-                after={"prefect.flow-run.heartbeat"},
-                expect={
-                    "prefect.flow-run.heartbeat",
-                    "prefect.flow-run.Completed",
-                    "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled",
-                    "prefect.flow-run.Crashed",
-                    "prefect.flow-run.AwaitingRetry",
-                    "prefect.flow-run.Paused",
-                    "prefect.flow-run.Suspended",
-                },
-                match={"prefect.resource.id": ["prefect.flow-run.*"]},
-                for_each={"prefect.resource.id"},
-                posture=Posture.Proactive,
-                threshold=1,
-                within=timedelta(seconds=window_seconds),
-            ),
-            actions=[
-                ChangeFlowRunState(
-                    state=StateType.CRASHED,
-                    message=f"no heartbeat for {window_seconds} s: the process is gone",
-                )
-            ],
-        )
+    automation = AutomationCore(
+        name=CRASH_AUTOMATION,
+        description="Marks a flow run Crashed when its heartbeats stop (the worker then "
+        "resumes it). Created by ctrl-worker.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect=set(_NOT_LOST_EVENTS),
+            match={"prefect.resource.id": ["prefect.flow-run.*"]},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=window_seconds),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {window_seconds} s: the process is gone",
+            )
+        ],
     )
+    existing = await client.read_automations_by_name(CRASH_AUTOMATION)
+    if not existing:
+        await client.create_automation(automation)
+        return
+    trigger = existing[0].trigger
+    if isinstance(trigger, EventTrigger) and trigger.expect == automation.trigger.expect:  # type: ignore[union-attr]
+        return
+    # Created by an older worker (without the durable sleep's state): bring it up to date.
+    await client.update_automation(existing[0].id, automation)

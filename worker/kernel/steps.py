@@ -129,9 +129,20 @@ def _retry_only_retryable(task: Task[..., Any], task_run: TaskRun, state: State[
 
 
 def _key_fn(
-    step_name: str, key_params: tuple[str, ...], ctx: TaskRunContext, params: dict[str, Any]
+    step_name: str,
+    key_params: tuple[str, ...],
+    fresh: bool,
+    ctx: TaskRunContext,
+    params: dict[str, Any],
 ) -> str:
     parts = [params.get(name) for name in key_params]
+    if fresh:
+        # One record per holding of the call's key: after a resume or a durable sleep the key
+        # is taken again (a new lease) and the read runs again.
+        from worker.kernel.locks import held_keys
+
+        held = held_keys()
+        parts.append(f"lease={held[-1].lease_id}" if held else "unlocked")
     return step_cache_key(_flow_name(), call_key(), step_name, parts)
 
 
@@ -150,6 +161,7 @@ def step(
     retry_backoff: float = 2.0,
     retry_max_delay: float = 60.0,
     timeout_seconds: float | None = None,
+    fresh: bool = False,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -163,6 +175,7 @@ def step(
     retry_backoff: float = 2.0,
     retry_max_delay: float = 60.0,
     timeout_seconds: float | None = None,
+    fresh: bool = False,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Make ``fn`` a durable step (a Prefect task with a persisted, keyed result).
 
@@ -177,6 +190,9 @@ def step(
         retry_backoff: the backoff factor.
         retry_max_delay: the longest delay between two attempts.
         timeout_seconds: fail an attempt that takes longer (then retry it).
+        fresh: a read that guards a write: recorded once per holding of the call's key, so
+            it runs again after the key is re-taken (a resume, a durable sleep) instead of
+            replaying a value the world may have moved past.
 
     Returns:
         A Prefect task; call it inside a flow like the function.
@@ -194,7 +210,7 @@ def step(
         ]
         if missing:
             raise TypeError(f"step {step_name!r}: key names unknown parameters {missing}")
-        policy = CachePolicy.from_cache_key_fn(partial(_key_fn, step_name, tuple(key)))
+        policy = CachePolicy.from_cache_key_fn(partial(_key_fn, step_name, tuple(key), fresh))
         return task(  # type: ignore[call-overload]
             func,
             name=step_name,

@@ -12,7 +12,7 @@ from prefect.client.schemas.responses import OrchestrationResult
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled
 
-from worker import client as worker_client
+from worker.kernel.calls import submit_call
 from worker.kernel.clock import now
 from worker.kernel.steps import step
 
@@ -31,9 +31,14 @@ async def send_call(
     makes the Prefect API return the same run if the step itself is re-executed.
     """
     scheduled = now() + timedelta(milliseconds=delay_millis) if delay_millis > 0 else None
-    flow_run = await worker_client.submit(
-        flow_name, dict(parameters), idempotency_key=idempotency_key, scheduled_time=scheduled
-    )
+    async with get_client() as client:
+        flow_run = await submit_call(
+            client,
+            flow_name,
+            dict(parameters),
+            idempotency_key=idempotency_key,
+            scheduled_time=scheduled,
+        )
     return str(flow_run.id)
 
 
