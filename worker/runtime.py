@@ -92,7 +92,11 @@ def run_worker(settings: Settings, extra: Sequence[DeploymentSpec] = ()) -> int:
     api_url = os.environ.get("PREFECT_API_URL")
     if not api_url:
         log.info("PREFECT_API_URL is unset: starting a local Prefect server")
-        server = local_server.start(settings.state_path, settings.prefect_server_port)
+        server = local_server.start(
+            settings.state_path,
+            settings.prefect_server_port,
+            database=settings.prefect_server_database,
+        )
         api_url = server.api_url
     prefect_env.apply(prefect_env.worker_env(settings, api_url))
     if settings.prometheus_port:
