@@ -5,7 +5,8 @@ Guarantees: changes of one deployment run one at a time (key ``deployment:{deplo
 (superseding any older one) and sends ``change_desired_state`` for it, delayed by
 ``delay_millis`` as a scheduled flow run; the superseded scheduled run is cancelled, and even
 if it already started it changes nothing because its nonce no longer matches.
-``change_desired_state`` applies the change only for the pending nonce: it writes
+``change_desired_state`` applies the change only for the pending nonce (a compare-and-set in
+the write's own transaction, so a call resumed after a clear applies nothing): it writes
 ``deployments.desired_state`` and every region's topology status, each with a new version.
 ``clear_scheduled_state_changes`` drops the pending transition and cancels its run.
 Side-effect steps: ``set_transition``, ``send_call``, ``cancel_scheduled_run``,
@@ -23,10 +24,11 @@ from pydantic import BeforeValidator, Field
 
 from flows.params import Id, Params
 from tasks.db.transitions import (
+    DELETED,
+    SUPERSEDED,
     apply_desired_state,
     clear_transition,
     find_deployment_regions,
-    read_transition,
     remember_scheduled_run,
     set_transition,
     update_topology_status,
@@ -108,10 +110,12 @@ async def change_desired_state(deployment_id: str, nonce: str, state: str) -> No
     """Apply a scheduled desired-state change if ``nonce`` is still the pending one."""
     params = parse(ChangeParams, deployment_id=deployment_id, nonce=nonce, state=state)
     async with critical_section(_key(params.deployment_id)):
-        pending = read_transition(params.deployment_id)
-        if pending is None or pending.nonce != params.nonce:
+        # The check of the pending nonce is part of the write (a compare-and-set), never a
+        # replayed read: a call resumed after a clear or a newer schedule writes nothing.
+        outcome = apply_desired_state(params.deployment_id, params.nonce, params.state)
+        if outcome == SUPERSEDED:
             return  # cleared or superseded: the newer call decides
-        if not apply_desired_state(params.deployment_id, params.state):
+        if outcome == DELETED:
             clear_transition(params.deployment_id, params.nonce)
             return  # the deployment was deleted meanwhile: nothing to change
         status = TOPOLOGY_STATUS[params.state]

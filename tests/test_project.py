@@ -17,11 +17,19 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments import CATALOGUE, DEPLOYMENT_NAME, DeploymentSpec
+from deployments import (
+    CATALOGUE,
+    DEPLOYMENT_NAME,
+    JOB_VARIABLES,
+    POOL_NAME,
+    PULL_STEPS,
+    WORK_QUEUE_NAME,
+    DeploymentSpec,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CTRL_WORKER = str(Path(sys.executable).parent / "ctrl-worker")
-POOL = {"name": "ctrl", "work_queue_name": "default"}
+POOL = {"name": POOL_NAME, "work_queue_name": WORK_QUEUE_NAME, "job_variables": JOB_VARIABLES}
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -40,8 +48,9 @@ def _expected_schedules(spec: DeploymentSpec) -> list[dict[str, Any]]:
 
 
 def test_prefect_yaml_deploys_exactly_the_catalogue() -> None:
-    """prefect.yaml and deployments.CATALOGUE list the same deployments: names, entrypoints,
-    work pool, schedules (UTC) and parameters, each once."""
+    """prefect.yaml and deployments.CATALOGUE (what `ctrl-worker run` registers) list the same
+    deployments: names, entrypoints, work pool and its job variables, schedules (UTC),
+    parameters, unenforced parameter schema, each once."""
     config = _prefect_yaml()
     assert config["name"] == "ctrl-worker"
     assert config["prefect-version"] == "3.8.8"
@@ -55,6 +64,7 @@ def test_prefect_yaml_deploys_exactly_the_catalogue() -> None:
         deployment = by_entrypoint[spec.entrypoint]
         assert deployment["name"] == DEPLOYMENT_NAME, spec.entrypoint
         assert deployment["work_pool"] == POOL, spec.entrypoint
+        assert deployment["enforce_parameter_schema"] is False, spec.entrypoint
         assert (deployment.get("schedules") or []) == _expected_schedules(spec), spec.entrypoint
         assert (deployment.get("parameters") or {}) == spec.parameters, spec.entrypoint
         if spec.description:
@@ -63,10 +73,9 @@ def test_prefect_yaml_deploys_exactly_the_catalogue() -> None:
 
 def test_prefect_yaml_pull_step_enters_the_code_directory() -> None:
     """A pool worker's flow-run process moves into the code already on its disk (no upload)."""
-    (step,) = _prefect_yaml()["pull"]
-    assert step == {
-        "prefect.deployments.steps.set_working_directory": {"directory": "{{ $CTRL_WORKER_DIR }}"}
-    }
+    assert _prefect_yaml()["pull"] == PULL_STEPS == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $CTRL_WORKER_DIR }}"}}
+    ]
 
 
 @pytest.mark.parametrize("spec", CATALOGUE, ids=lambda spec: spec.full_name)

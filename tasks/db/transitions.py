@@ -21,11 +21,13 @@ from worker.kernel.errors import RefusedError
 from worker.kernel.steps import step
 
 __all__ = [
+    "APPLIED",
+    "DELETED",
+    "SUPERSEDED",
     "Transition",
     "apply_desired_state",
     "clear_transition",
     "find_deployment_regions",
-    "read_transition",
     "remember_scheduled_run",
     "set_transition",
     "update_topology_status",
@@ -87,16 +89,6 @@ def remember_scheduled_run(deployment_id: str, nonce: str, flow_run_id: str) -> 
         )
 
 
-@step
-def read_transition(deployment_id: str) -> Transition | None:
-    """The deployment's pending transition, if any."""
-    with control_plane_transaction() as connection:
-        row: Row[Any] | None = connection.execute(_row(deployment_id)).first()
-    if row is None:
-        return None
-    return Transition(row.nonce, row.state, row.scheduled_flow_run_id)
-
-
 @step(key=("nonce",))
 def clear_transition(deployment_id: str, nonce: str | None = None) -> str | None:
     """Delete the pending transition (only ``nonce``'s if given); return its scheduled run id."""
@@ -114,19 +106,34 @@ def clear_transition(deployment_id: str, nonce: str | None = None) -> str | None
         return row.scheduled_flow_run_id
 
 
-@step
-def apply_desired_state(deployment_id: str, desired_state: str) -> bool:
-    """Set the deployment's desired state; False if the deployment no longer exists.
+APPLIED, SUPERSEDED, DELETED = "applied", "superseded", "deleted"
+
+
+@step(key=("nonce",))
+def apply_desired_state(deployment_id: str, nonce: str, desired_state: str) -> str:
+    """Set the deployment's desired state if ``nonce`` is still its pending transition.
+
+    A compare-and-set on the pending nonce, in the transaction of the write: a resumed call
+    whose change was superseded or cleared meanwhile (while its key was free) writes nothing.
+
+    Returns:
+        ``applied``; ``superseded`` (the nonce is no longer pending: nothing written); or
+        ``deleted`` (the deployment no longer exists).
 
     Raises:
         RefusedError: the deployment is its project's live deployment.
     """
     with control_plane_transaction() as connection:
+        pending: Row[Any] | None = connection.execute(
+            _row(deployment_id, lock=is_mysql(connection))
+        ).first()
+        if pending is None or pending.nonce != nonce:
+            return SUPERSEDED
         found = connection.execute(
             select(deployments.c.project_id).where(deployments.c.id == deployment_id)
         ).first()
         if found is None:
-            return False
+            return DELETED
         live = connection.execute(
             select(projects.c.live_deployment_id).where(projects.c.id == found.project_id)
         ).scalar_one_or_none()
@@ -139,7 +146,7 @@ def apply_desired_state(deployment_id: str, desired_state: str) -> bool:
             .where(deployments.c.id == deployment_id)
             .values(desired_state=desired_state, updated_at=now_ms())
         )
-    return True
+    return APPLIED
 
 
 @step

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Any
 
 import sqlalchemy as sa
 
 from tasks.db.session import control_plane_transaction
-from worker.kernel.errors import InvalidParameterError
+from worker.kernel.errors import InvalidParameterError, RefusedError
 from worker.kernel.service import critical_section, service_flow
+from worker.kernel.sleep import durable_sleep
 from worker.kernel.steps import step
 
 test_metadata = sa.MetaData()
@@ -26,14 +28,17 @@ kernel_step_log = sa.Table(
     sa.Column("step", sa.String(64), nullable=False),
     sa.Column("started_at", sa.Double, nullable=False),
     sa.Column("ended_at", sa.Double, nullable=True),
+    sa.Column("note", sa.String(512), nullable=True),
 )
 
 
-def record(tag: str, step_name: str, started: float, ended: float | None = None) -> None:
+def record(
+    tag: str, step_name: str, started: float, ended: float | None = None, note: str | None = None
+) -> None:
     with control_plane_transaction() as connection:
         connection.execute(
             kernel_step_log.insert().values(
-                tag=tag, step=step_name, started_at=started, ended_at=ended
+                tag=tag, step=step_name, started_at=started, ended_at=ended, note=note
             )
         )
 
@@ -80,7 +85,45 @@ async def kernel_hold_key(tag: str, key: str, hold_seconds: float = 0.5) -> None
         record(tag, "hold", started, time.time())
 
 
+@service_flow("kernel_sleep")
+async def kernel_sleep(tag: str, key: str, seconds: float) -> float:
+    """Hold ``key``, record, sleep durably for ``seconds``, record again; returns the wake time."""
+    async with critical_section(key):
+        first(tag)
+        await durable_sleep(seconds, name="nap")
+        woke = time.time()
+        record(tag, "after", woke)
+        return woke
+
+
+def record_give_up(parameters: dict[str, Any], reason: str) -> None:
+    """The give-up hook of ``kernel_give_up``: one log row with the reason."""
+    record(str(parameters["tag"]), "give_up", time.time(), note=reason[:500])
+
+
+@step(retries=0)
+def failing_step(tag: str, kind: str) -> None:
+    record(tag, "failing_step", time.time())
+    if kind == "terminal":
+        raise RefusedError(f"refused on purpose ({tag})")
+    raise RuntimeError(f"retryable failure on purpose ({tag})")
+
+
+@service_flow("kernel_give_up", on_give_up=record_give_up)
+async def kernel_give_up(tag: str, fail: str = "none", sleep_seconds: float = 0.0) -> str:
+    """A call with a give-up hook: fails as ``fail`` says (terminal, retryable, none) after
+    sleeping ``sleep_seconds`` in a step; any other ``fail`` is refused at validation."""
+    if fail not in ("none", "terminal", "retryable"):
+        raise InvalidParameterError("fail", f"unknown failure kind {fail!r}")
+    second(tag, sleep_seconds)
+    if fail != "none":
+        failing_step(tag, fail)
+    return "done"
+
+
 KERNEL_FLOWS = (
     "tests/support/kernel_flows.py:kernel_three_steps",
     "tests/support/kernel_flows.py:kernel_hold_key",
+    "tests/support/kernel_flows.py:kernel_sleep",
+    "tests/support/kernel_flows.py:kernel_give_up",
 )

@@ -92,6 +92,5 @@ def test_calls_on_different_keys_run_in_parallel(control_db):
     spans = _intervals(control_db, tag)
     assert len(spans) == 10
     most = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+    # The guarantee is the overlap itself; how fast they run is for bench/dispatch.
     assert most >= 3, f"calls on different keys did not overlap: {spans}"
-    wall = max(e for _, e in spans) - min(s for s, _ in spans)
-    assert wall < 0.6 * 10 * 1.5, f"10 keys took {wall:.1f} s, close to running one at a time"

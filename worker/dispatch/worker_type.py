@@ -113,6 +113,7 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
         self.forkserver = ForkServer([*ENGINE_MODULES, *preload, *_default_preload()])
         self.fallback_poll_seconds = fallback_poll_seconds
         self.children: dict[UUID, Child] = {}
+        self._entrypoints: dict[UUID, str] = {}
         self._cancelled: set[UUID] = set()
         self._claiming = True
         self._kick = asyncio.Event()
@@ -200,21 +201,35 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
                 log.exception("polling the pool for runs failed; the next poll retries")
 
     async def on_cancelling(self, flow_run_id: UUID) -> None:
-        """A run of ours is Cancelling: kill its process group and mark it Cancelled."""
+        """A run of ours is Cancelling: kill its process group, then end it.
+
+        A flow with a give-up hook gets one more attempt that runs only the hook and ends
+        Cancelled (``worker.kernel.hooks``); any other run is marked Cancelled at once.
+        """
         child = self.children.get(flow_run_id)
         if child is None:
             return
-        from prefect.states import Cancelled
-        from prefect.utilities.engine import propose_state
+        from prefect.states import AwaitingRetry, Cancelled
+
+        from worker.kernel.hooks import (
+            CANCELLED_REASON,
+            GIVE_UP_PREFIX,
+            GIVE_UP_TAG,
+            has_give_up_hook,
+        )
 
         self._cancelled.add(flow_run_id)
         child.kill_group()
-        with contextlib.suppress(Exception):
-            await propose_state(
-                self.client,
-                Cancelled(message="cancelled: the worker killed the run's processes"),
-                flow_run_id=flow_run_id,
-            )
+        try:
+            if has_give_up_hook(_flow_name(self._entrypoints.get(flow_run_id))):
+                run = await self.client.read_flow_run(flow_run_id)
+                await self.client.update_flow_run(flow_run_id, tags=[*run.tags, GIVE_UP_TAG])
+                state: Any = AwaitingRetry(message=GIVE_UP_PREFIX + CANCELLED_REASON)
+            else:
+                state = Cancelled(message="cancelled: the worker killed the run's processes")
+            await self.client.set_flow_run_state(flow_run_id, state, force=True)
+        except Exception:
+            log.exception("could not end the cancelled flow run %s", flow_run_id)
 
     async def _rewarm_forkserver(self) -> None:
         # A dead fork server would make the next run pay the whole warm-up (2-4 s): restart
@@ -242,17 +257,19 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
             The child's exit code (0 when the engine handled the outcome; 0 as well when the
             run was cancelled by this worker, so that it is not reported Crashed).
         """
+        entrypoint = configuration._entrypoint or os.environ.get("PREFECT__FLOW_ENTRYPOINT")
+        if not entrypoint:
+            raise ValueError(f"flow run {flow_run.id} has no deployment entrypoint to run")
         payload = {
             "flow_run": flow_run.model_dump(mode="json"),
             "env": self.forkserver.env_diff(configuration.env),
-            "entrypoint": configuration._entrypoint or os.environ.get("PREFECT__FLOW_ENTRYPOINT"),
+            "entrypoint": entrypoint,
             "pull_steps": configuration._pull_steps,
             "cwd": str(configuration.working_dir) if configuration.working_dir else None,
         }
-        if not payload["entrypoint"]:
-            raise ValueError(f"flow run {flow_run.id} has no deployment entrypoint to run")
         child = await asyncio.to_thread(self.forkserver.spawn, payload)
         self.children[flow_run.id] = child
+        self._entrypoints[flow_run.id] = entrypoint
         if task_status is not None:
             task_status.started(child.pid)
         try:
@@ -260,6 +277,7 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
             code = child.exit_code()
         finally:
             self.children.pop(flow_run.id, None)
+            self._entrypoints.pop(flow_run.id, None)
             child.close()
             self._kick.set()  # a slot is free: take the next due run now
         if flow_run.id in self._cancelled:
@@ -303,6 +321,18 @@ async def _wait_exit(child: Child) -> None:
         await done
     finally:
         loop.remove_reader(fd)
+
+
+def _flow_name(entrypoint: str | None) -> str:
+    """The name of the flow at ``entrypoint`` ("" when it cannot be loaded here)."""
+    if not entrypoint:
+        return ""
+    from worker.dispatch.child import resolve_flow
+
+    try:
+        return str(resolve_flow(entrypoint).name)
+    except Exception:
+        return ""
 
 
 def _default_preload() -> list[str]:
