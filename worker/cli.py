@@ -18,6 +18,10 @@ __all__ = ["main"]
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+class UsageError(ValueError):
+    """The command itself was used wrongly (unknown flow, malformed ``--param``): exit 2."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctrl-worker",
@@ -57,7 +61,7 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         name, sep, raw = pair.partition("=")
         if not sep or not name:
-            raise ValueError(f"--param {pair!r}: expected K=V")
+            raise UsageError(f"--param {pair!r}: expected K=V")
         try:
             params[name] = json.loads(raw)
         except ValueError:
@@ -88,26 +92,28 @@ def _db_init() -> int:
 
 
 def _trigger(args: argparse.Namespace) -> int:
+    # Bad usage is told before anything else (even with no Prefect API to talk to).
+    from deployments import by_flow_name
+
+    try:
+        by_flow_name(args.flow)
+    except KeyError as exc:
+        raise UsageError(exc.args[0]) from None
+    params = parse_params(args.param)
+
     from worker import prefect_env
     from worker.settings import load_settings
 
     settings = load_settings()
-    params = parse_params(args.param)
     api_url = prefect_env.resolve_api_url(settings)
     env = prefect_env.worker_env(settings, api_url)
     prefect_env.apply(
         {k: env[k] for k in ("PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
     )
 
-    from deployments import by_flow_name
     from worker.client import FlowRunFailed, trigger
     from worker.kernel.clock import now
 
-    try:
-        by_flow_name(args.flow)
-    except KeyError as exc:
-        print(exc.args[0], file=sys.stderr)
-        return EXIT_USAGE
     scheduled = now() + timedelta(seconds=args.delay) if args.delay else None
     try:
         result = asyncio.run(
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         from worker.settings import load_settings
 
         return run_worker(load_settings())
-    except ValueError as exc:
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (ConfigError, CtrlError) as exc:

@@ -106,3 +106,27 @@ def step_log(url: str, tag: str) -> list[sa.Row]:
                 .order_by(kernel_step_log.c.pk)
             )
         )
+
+
+@pytest.fixture
+def worker_factory(prefect_api: PrefectApi, control_db: str, tmp_path: Path):
+    """Start real workers (``tests.support.worker_main``) on the session's server and DB;
+    every one still running at the end of the test is SIGKILLed."""
+    from tests.support.worker_process import WorkerProcess
+
+    started: list[WorkerProcess] = []
+
+    def make(**env: str) -> WorkerProcess:
+        worker = WorkerProcess(
+            prefect_api.url,
+            control_db,
+            prefect_api.state_dir,
+            tmp_path / f"worker{len(started)}.log",
+            **env,
+        )
+        started.append(worker)
+        return worker.start()
+
+    yield make
+    for worker in started:
+        worker.kill()

@@ -26,7 +26,7 @@ from prefect.client.orchestration import get_client
 
 from tests.support.fixtures import step_log
 from tests.support.kernel_flows import kernel_hold_key
-from tests.support.worker_process import REPO, WorkerProcess
+from tests.support.worker_process import REPO
 from worker import client as worker_client
 
 pytestmark = pytest.mark.slow
@@ -59,26 +59,6 @@ def _kill_run_processes(state_dir: Path) -> None:
     for path in (state_dir / "runs").glob("*.json"):
         with contextlib.suppress(OSError, ValueError, KeyError):
             os.kill(json.loads(path.read_text())["pid"], signal.SIGKILL)
-
-
-@pytest.fixture
-def worker_factory(prefect_api, control_db, tmp_path):
-    started: list[WorkerProcess] = []
-
-    def make(**env: str) -> WorkerProcess:
-        worker = WorkerProcess(
-            prefect_api.url,
-            control_db,
-            prefect_api.state_dir,
-            tmp_path / f"worker{len(started)}.log",
-            **env,
-        )
-        started.append(worker)
-        return worker.start()
-
-    yield make
-    for worker in started:
-        worker.kill()
 
 
 def test_killed_worker_resumes_run_without_repeating_finished_steps(

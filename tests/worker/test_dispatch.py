@@ -22,7 +22,6 @@ from prefect.client.orchestration import get_client
 from prefect.states import Cancelling
 
 from tests.support.fixtures import step_log
-from tests.support.worker_process import WorkerProcess
 from worker import client as worker_client
 
 pytestmark = pytest.mark.slow
@@ -84,34 +83,16 @@ def _children_of(pid: int, needle: str) -> list[int]:
     return found
 
 
-@pytest.fixture
-def worker(prefect_api, control_db, tmp_path):
-    started: list[WorkerProcess] = []
-
-    def make(**env: str) -> WorkerProcess:
-        process = WorkerProcess(
-            prefect_api.url,
-            control_db,
-            prefect_api.state_dir,
-            tmp_path / f"worker{len(started)}.log",
-            **env,
-        )
-        started.append(process)
-        return process.start()
-
-    yield make
-    for process in started:
-        process.kill()
-
-
 def _trigger(flow: str, **params) -> UUID:
     return asyncio.run(worker_client.trigger(flow, params))
 
 
-def test_sigkill_of_one_forked_run_leaves_its_siblings_running(prefect_api, control_db, worker):
+def test_sigkill_of_one_forked_run_leaves_its_siblings_running(
+    prefect_api, control_db, worker_factory
+):
     """Two runs in two forked children: SIGKILL of one child crashes only that run (it is
     resumed); the other completes untouched, each of its steps once."""
-    worker()
+    worker_factory()
     victim, sibling = (f"victim-{uuid.uuid4().hex[:6]}", f"sibling-{uuid.uuid4().hex[:6]}")
     victim_id = _trigger("kernel_three_steps", tag=victim, sleep_seconds=6)
     sibling_id = _trigger("kernel_three_steps", tag=sibling, sleep_seconds=6)
@@ -131,12 +112,12 @@ def test_sigkill_of_one_forked_run_leaves_its_siblings_running(prefect_api, cont
 
 
 def test_killing_the_fork_server_mid_run_never_executes_a_step_twice(
-    prefect_api, control_db, worker
+    prefect_api, control_db, worker_factory
 ):
     """SIGKILL of the fork server while a run it forked is in a step: the run goes on (its
     process is tracked by pidfd, not through the fork server), completes once, is never
     reported Crashed, and the re-warmed fork server starts the next run."""
-    process = worker()
+    process = worker_factory()
     tag = f"forkserver-{uuid.uuid4().hex[:6]}"
     run_id = _trigger("kernel_three_steps", tag=tag, sleep_seconds=5)
     _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the second step")
@@ -164,11 +145,11 @@ def test_killing_the_fork_server_mid_run_never_executes_a_step_twice(
 
 
 def test_a_cancelled_run_is_killed_marked_cancelled_and_not_resumed(
-    prefect_api, control_db, worker
+    prefect_api, control_db, worker_factory
 ):
     """Cancelling a running call from the API: its process group is killed, the run ends
     Cancelled (never Crashed, so the reconciler leaves it alone), and it stays cancelled."""
-    worker()
+    worker_factory()
     tag = f"cancel-{uuid.uuid4().hex[:6]}"
     run_id = _trigger("kernel_three_steps", tag=tag, sleep_seconds=30)
     _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the second step")
@@ -191,11 +172,13 @@ def _give_ups(url: str, tag: str) -> list[str]:
     return [row.note for row in step_log(url, tag) if row.step == "give_up"]
 
 
-def test_a_run_killed_past_the_resume_limit_runs_its_give_up_hook(prefect_api, control_db, worker):
+def test_a_run_killed_past_the_resume_limit_runs_its_give_up_hook(
+    prefect_api, control_db, worker_factory
+):
     """UNKEY_RESUME_MAX_ATTEMPTS=0 and the call's process is SIGKILLed: the reconciler gives
     up at once, and instead of just failing it the run gets one more attempt that runs only
     its give-up hook (told why) and ends Failed with the reason; the body never runs again."""
-    worker(UNKEY_RESUME_MAX_ATTEMPTS="0")
+    worker_factory(UNKEY_RESUME_MAX_ATTEMPTS="0")
     tag = f"giveup-{uuid.uuid4().hex[:6]}"
     run_id = _trigger("kernel_give_up", tag=tag, sleep_seconds=30)
     _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the body's step")
@@ -208,10 +191,12 @@ def test_a_run_killed_past_the_resume_limit_runs_its_give_up_hook(prefect_api, c
     assert _counts(control_db, tag)["second"] == 1, "the body must not run again"
 
 
-def test_a_run_cancelled_while_running_runs_its_give_up_hook(prefect_api, control_db, worker):
+def test_a_run_cancelled_while_running_runs_its_give_up_hook(
+    prefect_api, control_db, worker_factory
+):
     """Cancelling a running call that has a give-up hook: the hook runs (told it was
     cancelled) and the run ends Cancelled."""
-    worker()
+    worker_factory()
     tag = f"cancel-hook-{uuid.uuid4().hex[:6]}"
     run_id = _trigger("kernel_give_up", tag=tag, sleep_seconds=30)
     _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the body's step")

@@ -81,13 +81,9 @@ class Child:
 
     def alive(self) -> bool:
         """True while the process exists (a zombie counts as gone)."""
-        if self.pidfd is None:
-            return False
-        try:
-            stat = open(f"/proc/{self.pid}/stat").read()  # noqa: SIM115 - tiny read
-        except OSError:
-            return False
-        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        from worker.kernel.run_records import pid_running
+
+        return self.pidfd is not None and pid_running(self.pid)
 
     def kill_group(self) -> None:
         """SIGKILL the child's process group (it is a session leader), then the child."""

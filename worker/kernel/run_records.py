@@ -28,6 +28,7 @@ __all__ = [
     "add_lease",
     "delete_record",
     "list_records",
+    "pid_running",
     "process_alive",
     "records_dir",
     "remove_lease",
@@ -50,28 +51,36 @@ def records_dir() -> Path:
     return Path(os.environ.get("UNKEY_STATE_DIR", ".ctrl")).expanduser().resolve() / "runs"
 
 
-def _process_start(pid: int) -> str:
-    # Field 22 of /proc/<pid>/stat: start time in clock ticks since boot. With the pid it
-    # identifies a process uniquely, so a reused pid is never mistaken for the dead run.
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state is [0]); [] if gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
+        return []
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _process_start(pid: int) -> str:
+    # Field 22 of /proc/<pid>/stat: start time in clock ticks since boot. With the pid it
+    # identifies a process uniquely, so a reused pid is never mistaken for the dead run.
+    fields = _stat_fields(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+def pid_running(pid: int, process_start: str = "") -> bool:
+    """True while ``pid`` runs (a zombie is dead: an orphan may never be reaped here) and,
+    when ``process_start`` is given, is still the process that started then."""
+    fields = _stat_fields(pid)
+    if not fields or fields[0] in ("Z", "X"):
+        return False
+    return not process_start or len(fields) <= 19 or fields[19] == process_start
 
 
 def process_alive(record: RunRecord) -> bool:
     """True while the process that wrote ``record`` is still running."""
     if record.host != socket.gethostname():
         return True  # not ours to judge: Prefect's heartbeat automation covers other hosts
-    try:
-        os.kill(record.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    started = _process_start(record.pid)
-    return not record.process_start or not started or started == record.process_start
+    return pid_running(record.pid, record.process_start)
 
 
 def _path(flow_run_id: str) -> Path:
