@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefect import Flow
+if TYPE_CHECKING:  # the catalogue is read by commands that must not import Prefect
+    from prefect import Flow
 
 __all__ = [
     "CATALOGUE",
@@ -63,6 +64,8 @@ class DeploymentSpec:
         return f"{self.flow_name}/{DEPLOYMENT_NAME}"
 
     def load(self) -> Flow[..., Any]:
+        from prefect import Flow
+
         flow = getattr(importlib.import_module(self.module), self.function)
         if not isinstance(flow, Flow):
             raise TypeError(f"{self.entrypoint} is not a Prefect flow")

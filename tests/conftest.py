@@ -71,3 +71,14 @@ def _no_unkey_env(monkeypatch) -> None:
     """Tests never pick up the developer's UNKEY_* variables."""
     for name in _DEVELOPER_UNKEY:
         monkeypatch.delenv(name, raising=False)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Complete the markers from what a test uses: every test that needs MariaDB (directly or
+    through another fixture) is ``mysql``; every test that starts real workers is ``slow``."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & {"mysql_url", "empty_mysql_url", "control_db"}:
+            item.add_marker(pytest.mark.mysql)
+        if "worker_factory" in fixtures:
+            item.add_marker(pytest.mark.slow)

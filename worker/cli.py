@@ -111,25 +111,74 @@ def _trigger(args: argparse.Namespace) -> int:
         {k: env[k] for k in ("PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
     )
 
-    from worker.client import FlowRunFailed, trigger
     from worker.kernel.clock import now
 
     scheduled = now() + timedelta(seconds=args.delay) if args.delay else None
     try:
-        result = asyncio.run(
-            trigger(
-                args.flow,
-                params,
-                idempotency_key=args.idempotency_key,
-                wait=args.wait,
-                scheduled_time=scheduled,
-            )
+        outcome = asyncio.run(_trigger_fast(args, params, api_url, scheduled))
+    except _FellBack as fallback:
+        outcome = fallback.outcome
+    if not args.wait:
+        print(outcome.flow_run_id)
+        return EXIT_OK
+    if not outcome.completed:
+        print(
+            f"error: flow run {outcome.flow_run_id} ended {outcome.state_name}: {outcome.message}",
+            file=sys.stderr,
         )
-    except FlowRunFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(result, default=str) if args.wait else result)
+    print(json.dumps(outcome.result, default=str))
     return EXIT_OK
+
+
+class _FellBack(Exception):
+    def __init__(self, outcome: Any) -> None:
+        self.outcome = outcome
+
+
+async def _trigger_fast(
+    args: argparse.Namespace, params: dict[str, Any], api_url: str, scheduled: Any
+) -> Any:
+    """The REST path (no Prefect import: ~1.4 s faster); ``worker.client`` where it must."""
+    from worker import rest_trigger
+
+    try:
+        return await rest_trigger.trigger(
+            api_url,
+            args.flow,
+            params,
+            idempotency_key=args.idempotency_key,
+            scheduled_time=scheduled,
+            wait=args.wait,
+        )
+    except rest_trigger.NeedsPrefect as needs:
+        raise _FellBack(await _trigger_with_prefect(args, params, scheduled, needs)) from None
+
+
+async def _trigger_with_prefect(
+    args: argparse.Namespace, params: dict[str, Any], scheduled: Any, needs: Any
+) -> Any:
+    from uuid import UUID
+
+    from worker import client
+    from worker.rest_trigger import Outcome
+
+    if needs.flow_run_id is None:
+        run = await client.submit(
+            args.flow, params, idempotency_key=args.idempotency_key, scheduled_time=scheduled
+        )
+        run_id = run.id
+    elif args.idempotency_key and "re-run" in str(needs):
+        run_id = (await client.submit(args.flow, params, idempotency_key=args.idempotency_key)).id
+    else:
+        run_id = UUID(needs.flow_run_id)
+    if not args.wait:
+        return Outcome(str(run_id))
+    try:
+        result = await client.wait_for_result(run_id)
+    except client.FlowRunFailed as exc:
+        return Outcome(str(run_id), "FAILED", exc.state_name, str(exc).split(": ", 1)[-1])
+    return Outcome(str(run_id), "COMPLETED", "Completed", "", result)
 
 
 def main(argv: list[str] | None = None) -> int:

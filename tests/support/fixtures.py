@@ -130,3 +130,53 @@ def worker_factory(prefect_api: PrefectApi, control_db: str, tmp_path: Path):
     yield make
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on loopback (a real S3 HTTP API; it checks no signatures here)."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = local_server.free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/moto-api/", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        server.kill()
+        pytest.fail("moto server did not start")
+    yield url
+    server.kill()
+    server.wait()
+
+
+def s3_results_env(endpoint: str, bucket: str) -> dict[str, str]:
+    """The worker settings that put step records in ``bucket`` (created here) on ``endpoint``."""
+    import boto3
+
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    ).create_bucket(Bucket=bucket)
+    return {
+        "UNKEY_RESULTS_S3_BUCKET": bucket,
+        "UNKEY_RESULTS_S3_ENDPOINT_URL": endpoint,
+        "UNKEY_RESULTS_S3_ACCESS_KEY_ID": "test",
+        "UNKEY_RESULTS_S3_SECRET_ACCESS_KEY": "test-secret-value",
+    }

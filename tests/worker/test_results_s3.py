@@ -7,46 +7,17 @@ tests do not rely on.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
 import uuid
 from collections import Counter
 
 import boto3
-import httpx
 import pytest
 
 from tests.support.fixtures import step_log
 from tests.support.worker_process import WorkerProcess
 from worker import client as worker_client
-from worker.local_server import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/moto-api/", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        server.kill()
-        pytest.fail("moto server did not start")
-    yield url
-    server.kill()
-    server.wait()
 
 
 def test_a_call_resumed_on_another_host_replays_steps_from_s3(
