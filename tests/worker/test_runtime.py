@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,7 +36,8 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_sigterm_lets_a_running_call_finish(prefect_api, control_db, tmp_path):
-    """SIGTERM: no new runs, the running one finishes within the grace period, exit 0."""
+    """SIGTERM: /health/ready answers 503 during the drain (the health server stops last), no
+    new runs, the running one finishes within the grace period, exit 0."""
     tag = f"grace-{uuid.uuid4().hex[:8]}"
     metrics_port = free_port()
     worker = WorkerProcess(
@@ -46,12 +49,21 @@ def test_sigterm_lets_a_running_call_finish(prefect_api, control_db, tmp_path):
     ).start()
     try:
         run_id = asyncio.run(
-            worker_client.trigger("kernel_three_steps", {"tag": tag, "sleep_seconds": 4})
+            worker_client.trigger("kernel_three_steps", {"tag": tag, "sleep_seconds": 8})
         )
         _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the second step")
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert 'ctrl_flow_runs_started_total{flow="kernel_three_steps"}' in metrics
-        assert worker.stop(timeout=60) == 0
+        assert worker.process is not None
+        os.kill(worker.process.pid, signal.SIGTERM)
+        # Draining: the health server is the last thing to stop, and says "not ready".
+        ready = f"http://127.0.0.1:{worker.port}/health/ready"
+        _wait_for(lambda: httpx.get(ready, timeout=2).status_code == 503, 10, "ready to be 503")
+        assert (
+            httpx.get(f"http://127.0.0.1:{worker.port}/health/live", timeout=2).status_code == 200
+        )
+        assert "second" in _counts(control_db, tag) and "third" not in _counts(control_db, tag)
+        assert worker.process.wait(timeout=60) == 0
         assert asyncio.run(worker_client.wait_for_result(run_id, timeout=5)) == [
             "first-done",
             "second-done",

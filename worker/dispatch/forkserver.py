@@ -130,6 +130,9 @@ class ForkServer:
         self._stop_locked()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, PRELOAD_ENV: ",".join(self.preload)}
+        # A flow run's INFO lines go to the UI (the API log handler); printing each one on
+        # the worker's console through rich costs ~15 ms a line in every child.
+        env.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         started = time.monotonic()
         self._process = subprocess.Popen(
             [sys.executable, "-m", "worker.dispatch.forkserver", str(theirs.fileno())],
@@ -185,12 +188,21 @@ class ForkServer:
 
     # -- children ------------------------------------------------------------------------------
 
-    def env_diff(self, env: dict[str, str | None]) -> dict[str, str]:
-        """The entries of a run's environment that differ from the fork server's."""
+    def env_diff(
+        self, env: dict[str, str | None], same: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """The entries of a run's environment that differ from the fork server's.
+
+        Args:
+            env: the run's whole environment.
+            same: values known to be in effect in the fork server already, though spelled
+                differently in its environment (the worker's Prefect settings as variables).
+        """
+        same = same or {}
         return {
             key: value
             for key, value in env.items()
-            if value is not None and self.warm_env.get(key) != value
+            if value is not None and self.warm_env.get(key) != value and same.get(key) != value
         }
 
     def spawn(self, payload: dict[str, Any]) -> Child:
@@ -288,6 +300,9 @@ def main(argv: list[str]) -> None:
     control = socket.socket(fileno=int(argv[1]))
     for name in filter(None, os.environ.get(PRELOAD_ENV, "").split(",")):
         importlib.import_module(name)
+    from worker.dispatch.child import warm_up
+
+    warm_up()
     # Everything imported so far is shared with every child: keep the collector from
     # touching (and so copying) those pages in each child.
     gc.collect()

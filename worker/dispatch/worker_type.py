@@ -60,6 +60,7 @@ ENGINE_MODULES = (
     "worker.dispatch.child",
 )
 log = logging.getLogger("ctrl.worker.dispatch")
+_DEBUG = bool(os.environ.get("CTRL_DISPATCH_DEBUG"))
 
 
 class WarmJobConfiguration(ProcessJobConfiguration):
@@ -119,12 +120,19 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
         self._kick = asyncio.Event()
         self._pushed: set[UUID] = set()
         self._background: list[asyncio.Task[None]] = []
+        self._settings_env: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def setup(self) -> None:
         """Warm the fork server, sync with the pool, start the push watcher and the polls."""
         warming = asyncio.create_task(asyncio.to_thread(self.forkserver.start))
+        from prefect.settings import get_current_settings
+
+        # The job environment repeats the worker's settings as variables (BaseJobConfiguration
+        # adds them), spelled differently from the environment they came from: they are what
+        # the fork server already runs with, so they must not make a child rebuild settings.
+        self._settings_env = get_current_settings().to_environment_variables(exclude_unset=True)
         await super().setup()
         await warming
         from worker.dispatch.push import watch_pool_runs
@@ -178,6 +186,8 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
             self._push(flow_run_id)
 
     def _push(self, flow_run_id: UUID) -> None:
+        if _DEBUG:
+            print(f"DISPATCH pushed {flow_run_id} {time.time():.3f}", flush=True)
         self._pushed.add(flow_run_id)
         self._kick.set()
 
@@ -190,6 +200,8 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
             try:
                 for attempt in range(4):
                     claimed = {run.id for run in await self.get_and_submit_flow_runs()}
+                    if _DEBUG:
+                        print(f"DISPATCH polled {claimed} {time.time():.3f}", flush=True)
                     # The server publishes a run's event inside the transaction that creates
                     # it: a poll right after the event can miss the run. Look again shortly.
                     if not pushed - claimed - set(self.children) or attempt == 3:
@@ -262,12 +274,16 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
             raise ValueError(f"flow run {flow_run.id} has no deployment entrypoint to run")
         payload = {
             "flow_run": flow_run.model_dump(mode="json"),
-            "env": self.forkserver.env_diff(configuration.env),
+            "env": self.forkserver.env_diff(configuration.env, self._settings_env),
             "entrypoint": entrypoint,
             "pull_steps": configuration._pull_steps,
             "cwd": str(configuration.working_dir) if configuration.working_dir else None,
         }
+        if _DEBUG:
+            print(f"DISPATCH run() {flow_run.id} {time.time():.3f}", flush=True)
         child = await asyncio.to_thread(self.forkserver.spawn, payload)
+        if _DEBUG:
+            print(f"DISPATCH forked {flow_run.id} {time.time():.3f}", flush=True)
         self.children[flow_run.id] = child
         self._entrypoints[flow_run.id] = entrypoint
         if task_status is not None:

@@ -29,6 +29,7 @@ import contextlib
 import contextvars
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -59,11 +60,13 @@ __all__ = [
 log = logging.getLogger("ctrl.worker.locks")
 
 RELEASED_EVENT = "prefect.concurrency-limit.released"
-ACQUIRED_EVENT = "prefect.concurrency-limit.acquired"
 # A waiter that hears nothing (a dead holder, a lost event) asks again after this long at most.
 MAX_WAIT_BETWEEN_ATTEMPTS = 2.0
 
 _limit_ids: dict[str, UUID] = {}
+_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
 # Prefect refuses these in limit names.
 _BANNED = str.maketrans({c: "_" for c in "/%&<>"})
 
@@ -174,8 +177,8 @@ def _announce(event: str, held: HeldKey) -> None:
 class _ReleaseWatch:
     """Release events of one limit, opened on the first refused attempt only."""
 
-    def __init__(self, limit_id: UUID) -> None:
-        self.limit_id = limit_id
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.heard = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -185,10 +188,13 @@ class _ReleaseWatch:
 
     async def _listen(self) -> None:
         from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+        from prefect.events.schemas.events import ResourceSpecification
 
         filter = EventFilter(
             event=EventNameFilter(name=[RELEASED_EVENT]),
-            resource=EventResourceFilter(id=[f"prefect.concurrency-limit.{self.limit_id}"]),
+            resource=EventResourceFilter(
+                labels=ResourceSpecification({"prefect.resource.name": [self.name]})
+            ),
         )
         await watch_events(filter, lambda _event: self.heard.set())
 
@@ -205,8 +211,9 @@ class _ReleaseWatch:
                 await self._task
 
 
-async def _acquire(name: str, limit_id: UUID, lease_seconds: float) -> UUID:
-    watch = _ReleaseWatch(limit_id)
+async def _acquire(name: str, lease_seconds: float) -> tuple[UUID, UUID]:
+    """Wait for the key; returns the lease id and the limit's id."""
+    watch = _ReleaseWatch(name)
     try:
         async with get_client() as client:
             while True:
@@ -227,7 +234,7 @@ async def _acquire(name: str, limit_id: UUID, lease_seconds: float) -> UUID:
                 body: dict[str, Any] = response.json()
                 if not body.get("limits"):
                     raise _LimitGone(name)
-                return UUID(body["lease_id"])
+                return UUID(body["lease_id"]), UUID(body["limits"][0]["id"])
     finally:
         await watch.close()
 
@@ -261,19 +268,30 @@ async def key_lock(key: str, *, lease_seconds: float = 60.0) -> AsyncIterator[He
         KeyLostError: the lease could not be renewed while the body ran.
     """
     name = lock_name(key)
-    limit_id = await ensure_key_limit(key)
+    # Callers in this process queue here first: only the head of the queue asks the server,
+    # so 50 local waiters are one contender, not 50 (each woken by every release).
+    async with _local_gate(name), _key_lock(name, key, lease_seconds) as held:
+        yield held
+
+
+def _local_gate(name: str) -> asyncio.Lock:
+    gates = _GATES.setdefault(asyncio.get_running_loop(), {})
+    return gates.setdefault(name, asyncio.Lock())
+
+
+@asynccontextmanager
+async def _key_lock(name: str, key: str, lease_seconds: float) -> AsyncIterator[HeldKey]:
     waited_from = time.monotonic()
     try:
-        lease_id = await _acquire(name, limit_id, lease_seconds)
+        # The limit usually exists already: ask for the key first, create it only if missing.
+        lease_id, limit_id = await _acquire(name, lease_seconds)
     except _LimitGone:
-        # Deleted behind our back (an operator cleaning up limits): create it, try once more.
         _limit_ids.pop(name, None)
-        limit_id = await ensure_key_limit(key)
-        lease_id = await _acquire(name, limit_id, lease_seconds)
+        await ensure_key_limit(key)
+        lease_id, limit_id = await _acquire(name, lease_seconds)
     metrics.LOCK_WAIT_SECONDS.observe(time.monotonic() - waited_from)
     held = HeldKey(name=name, limit_id=limit_id, lease_id=lease_id)
     run_records.add_lease(lease_id)
-    _announce(ACQUIRED_EVENT, held)
     owner = asyncio.current_task()
     assert owner is not None
     held.renewer = asyncio.get_running_loop().create_task(
