@@ -18,7 +18,7 @@ import time
 
 from bench.common import REPO
 
-BENCHMARKS = ("step_overhead", "key_lock", "trigger_latency", "parallel_keys", "versions")
+BENCHMARKS = ("step_overhead", "key_lock", "key_handoff", "dispatch", "versions")
 
 
 def _selection(args: list[str]) -> list[tuple[str, str | None]]:

@@ -4,30 +4,32 @@ Every benchmark's ``main`` enters ``bench_env()`` *before* importing anything th
 Prefect: Prefect reads its settings (API URL, result storage) once, on first import, so the
 environment must already point at the benchmark's own server and state directory.
 
-This module imports nothing from Prefect at import time (only ``worker.local_server``, which
-is Prefect-free by design); whatever needs Prefect is imported inside the functions.
+This module imports nothing from Prefect at import time (only ``worker.local_server`` and
+``tests.support.processes``, both Prefect-free by design); whatever needs Prefect is imported
+inside the functions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
+from tests.support.processes import ReadyProcess
 from worker import local_server
 
 __all__ = [
@@ -35,17 +37,24 @@ __all__ = [
     "REPO",
     "ApiRetries",
     "BenchEnv",
+    "CpuSampler",
     "ServedWorker",
     "bench_env",
     "count_api_retries",
     "describe",
+    "drain_prefect_workers",
+    "load_average",
     "median",
     "p95",
+    "percentile",
     "print_result",
     "quiet_prefect_console",
+    "retry_status_codes",
     "run_phases",
+    "served_process",
     "served_worker",
     "size_arg",
+    "worker_env",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +74,7 @@ class BenchEnv:
 
     @property
     def api_url(self) -> str:
+        """The Prefect API URL of the benchmark's server."""
         return self.server.api_url
 
 
@@ -76,11 +86,195 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The ``fraction`` (0..1) percentile of ``values``, nearest rank.
+
+    Raises:
+        ValueError: ``values`` is empty.
+    """
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return float(ordered[min(rank, len(ordered)) - 1])
+
+
 def p95(values: Sequence[float]) -> float:
     """The 95th percentile of ``values`` (nearest rank)."""
-    ordered = sorted(values)
-    rank = max(1, round(0.95 * len(ordered)))
-    return float(ordered[min(rank, len(ordered)) - 1])
+    return percentile(values, 0.95)
+
+
+def load_average() -> str:
+    """The machine's load average (1, 5, 15 min) and core count, for the benchmark's output."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cores)"
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_SIGCHLD_BIT = 1 << (17 - 1)  # SigIgn in /proc/<pid>/status: bit n-1 for signal n (SIGCHLD=17)
+
+
+@dataclass
+class _Seen:
+    """One process of a sampled tree: its CPU ticks when first and last seen."""
+
+    first_own: int  # utime + stime
+    first_reaped: int  # cutime + cstime: the children it has waited for
+    last_own: int
+    last_reaped: int
+    parent: tuple[int, int]  # (pid, start time) of its parent
+    gone: bool = False
+    waited_for: bool = False  # gone, and its parent (in the tree) waits for its children
+
+
+def _proc_table() -> dict[int, tuple[int, int, int, int]]:
+    """Every process: pid -> (ppid, start time, own ticks, reaped children's ticks)."""
+    table: dict[int, tuple[int, int, int, int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        fields = text[text.rfind(b")") + 2 :].split()
+        # After "pid (comm)": state ppid ... utime(12) stime(13) cutime(14) cstime(15) ...
+        # starttime(20), counted from field 3 = index 0.
+        table[int(name)] = (
+            int(fields[1]),
+            int(fields[19]),
+            int(fields[11]) + int(fields[12]),
+            int(fields[13]) + int(fields[14]),
+        )
+    return table
+
+
+def _ignores_sigchld(pid: int) -> bool:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) & _SIGCHLD_BIT)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+class CpuSampler:
+    """CPU seconds spent by process trees (a root and all its descendants), sampled in a thread.
+
+    A child's CPU reaches its parent's "children" times only if the parent waits for it; a
+    parent that ignores SIGCHLD (a fork server whose children the kernel reaps) never sees
+    it, so summing ``cpu_times()`` with children over the live tree misses every child that
+    ended between two samples. Instead every process of the tree is followed from sample to
+    sample (every ``interval`` s, by scanning ``/proc``, Linux only): a process that ends
+    counts with its CPU when last seen, unless its parent waits for it, in which case the
+    parent's children times carry its final CPU. What a child spends after its last sample
+    (< ``interval``) is lost when nobody waits for it; processes that start and end between
+    two samples count only if their parent waits for them.
+
+    Args:
+        groups: name -> the root pids of that group's tree (a pid that does not exist is
+            ignored).
+        interval: seconds between samples.
+    """
+
+    def __init__(self, groups: dict[str, Sequence[int]], interval: float = 0.025) -> None:
+        self.groups = {name: [pid for pid in roots if pid > 0] for name, roots in groups.items()}
+        self.interval = interval
+        self._seen: dict[str, dict[tuple[int, int], _Seen]] = {name: {} for name in groups}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._first = True
+        self.samples = 0
+
+    def _sample(self) -> None:
+        table = _proc_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, *_rest) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        for name, roots in self.groups.items():
+            seen = self._seen[name]
+            members: set[tuple[int, int]] = set()
+            todo = [pid for pid in roots if pid in table]
+            while todo:
+                pid = todo.pop()
+                ppid, started, own, reaped = table[pid]
+                key = (pid, started)
+                if key in members:
+                    continue
+                members.add(key)
+                todo += children.get(pid, [])
+                record = seen.get(key)
+                if record is None:
+                    # Seen at the first sample: only what it spends from now on counts. Born
+                    # since: all of it counts.
+                    base_own, base_reaped = (own, reaped) if self._first else (0, 0)
+                    parent = (ppid, table[ppid][1] if ppid in table else 0)
+                    record = seen[key] = _Seen(base_own, base_reaped, own, reaped, parent)
+                record.last_own, record.last_reaped = own, reaped
+            for key, record in seen.items():
+                if record.gone or key in members:
+                    continue
+                record.gone = True
+                alive = key[0] in table and table[key[0]][1] == key[1]
+                record.waited_for = (
+                    not alive
+                    and record.parent in members
+                    and not _ignores_sigchld(record.parent[0])
+                )
+        self._first = False
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                self._sample()
+
+    def start(self) -> CpuSampler:
+        """Take the first sample and start sampling in a daemon thread.
+
+        Returns:
+            ``self``.
+        """
+        with self._lock:
+            self._sample()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop sampling (the totals stay readable)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> CpuSampler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def totals(self) -> dict[str, float]:
+        """CPU seconds each group's tree spent since ``start`` (takes a sample first).
+
+        Returns:
+            group name -> seconds.
+        """
+        with self._lock:
+            if not self._stop.is_set():
+                self._sample()
+            out = {}
+            for name, seen in self._seen.items():
+                ticks = 0
+                for record in seen.values():
+                    ticks += record.last_own - record.first_own
+                    ticks += record.last_reaped - record.first_reaped
+                    if record.waited_for:  # its final CPU is in its parent's children times
+                        ticks -= record.last_own + record.last_reaped
+                out[name] = ticks / _CLOCK_TICKS
+            return out
 
 
 def describe(label: str, values: Sequence[float], unit: str = "ms", scale: float = 1000.0) -> str:
@@ -176,7 +370,7 @@ def bench_env() -> Iterator[BenchEnv]:
         settings_installed = True
         yield BenchEnv(state, server, url, database_name)
     finally:
-        _drain_prefect_workers()
+        drain_prefect_workers()
         if settings_installed:
             from tasks.db.engine import dispose_engines
             from worker.settings import use_settings
@@ -190,7 +384,7 @@ def bench_env() -> Iterator[BenchEnv]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _drain_prefect_workers() -> None:
+def drain_prefect_workers() -> None:
     """Send the buffered logs and events while the server is still up.
 
     Otherwise they are flushed at interpreter exit against a stopped server, which retries for
@@ -227,20 +421,45 @@ class ApiRetries(logging.Handler):
     """
 
     _WAIT = re.compile(r"Another attempt will be made in ([0-9.]+)s")
+    _CODE = re.compile(r"retryable status code (\d+|unknown)")
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.count = 0
         self.waited = 0.0
+        self.codes: Counter[str] = Counter()  # status code -> retries ("exception": no response)
 
     def emit(self, record: logging.LogRecord) -> None:
-        found = self._WAIT.search(record.getMessage())
+        """Count one retry (and its status code) if ``record`` announces one."""
+        message = record.getMessage()
+        found = self._WAIT.search(message)
         if found:
             self.count += 1
             self.waited += float(found.group(1))
+            code = self._CODE.search(message)
+            self.codes[code.group(1) if code else "exception"] += 1
 
     def summary(self) -> str:
-        return f"Prefect API retries in this process: {self.count} ({self.waited:.1f} s of backoff)"
+        """One line: how many retries, how long they waited, their status codes."""
+        codes = ", ".join(f"{code}x{n}" for code, n in sorted(self.codes.items())) or "-"
+        return (
+            f"Prefect API retries in this process: {self.count} ({self.waited:.1f} s of backoff;"
+            f" status codes {codes})"
+        )
+
+
+def retry_status_codes(text: str) -> Counter[str]:
+    """The Prefect client's retries announced in a log ``text``, by status code.
+
+    Returns:
+        status code (``"503"``...; ``"exception"`` for a retried connection error) -> count.
+    """
+    codes: Counter[str] = Counter()
+    for line in text.splitlines():
+        if ApiRetries._WAIT.search(line):
+            code = ApiRetries._CODE.search(line)
+            codes[code.group(1) if code else "exception"] += 1
+    return codes
 
 
 def count_api_retries() -> ApiRetries:
@@ -278,12 +497,19 @@ class ServedWorker:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    handle: ReadyProcess | None = field(default=None, repr=False)
+
+    def log_text(self) -> str:
+        """Its log so far ("" when there is none)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def api_retries(self) -> str:
         """How often its flow-run processes retried a Prefect API call (from the worker log)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
+        text = self.log_text()
+        if not text:
             return "Prefect API retries in the worker's processes: unknown (no log)"
         waits = [float(w) for w in ApiRetries._WAIT.findall(text)]
         codes = sorted(set(re.findall(r"retryable status code (\d+)", text)))
@@ -293,50 +519,22 @@ class ServedWorker:
         )
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        """The last ``lines`` lines of its log."""
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
-def _wait_ready(worker: ServedWorker, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.process.poll() is not None:
-            raise RuntimeError(
-                f"the worker exited with {worker.process.returncode}:\n{worker.tail()}"
-            )
-        try:
-            url = f"http://127.0.0.1:{worker.port}/health/ready"
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the worker was not ready after {timeout:.0f} s:\n{worker.tail()}")
+def worker_env(env: BenchEnv, port: int, **extra_env: str) -> dict[str, str]:
+    """The environment of a serving process of the benchmark (worker or stock serve).
 
+    Args:
+        env: the benchmark's server and database.
+        port: its ``UNKEY_HTTP_PORT`` (health).
+        extra_env: variables added last (``UNKEY_WORKER_LIMIT``...).
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    # SIGTERM first (the worker stops its runner), SIGKILL for whatever is left in the group:
-    # the serve process and every flow-run process it spawned.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=20)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def served_worker(
-    env: BenchEnv, timeout: float = 120.0, **extra_env: str
-) -> Iterator[ServedWorker]:
-    """Start the worker serving the bench flows; kill its whole process group at the end."""
-    port = local_server.free_port()
-    log_path = env.state_dir / f"worker-{port}.log"
-    child_env = {
+    Returns:
+        This process's environment plus the worker's configuration.
+    """
+    return {
         **os.environ,
         "PREFECT_API_URL": env.api_url,
         "UNKEY_DATABASE_PRIMARY": env.database_url,
@@ -349,24 +547,71 @@ def served_worker(
         "PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL": "DEBUG",
         **extra_env,
     }
+
+
+@contextlib.contextmanager
+def served_process(
+    env: BenchEnv,
+    command: Sequence[str],
+    name: str,
+    timeout: float = 120.0,
+    **extra_env: str,
+) -> Iterator[ServedWorker]:
+    """Start ``command`` as a serving process, wait for its ``/health/ready``; stop it at the end.
+
+    Args:
+        env: the benchmark's server and database.
+        command: the program and its arguments; it must answer ``/health/ready`` on
+            ``UNKEY_HTTP_PORT``.
+        name: its name in the log file's name and in messages.
+        timeout: seconds to wait until it is ready.
+        extra_env: added to its environment (``worker_env``).
+
+    Yields:
+        The ready process.
+
+    Raises:
+        tests.support.processes.ProcessNotReady: it exited or was not ready in time.
+    """
+    port = local_server.free_port()
+    log_path = env.state_dir / f"{name}-{port}.log"
+    handle = ReadyProcess(
+        command, cwd=REPO, env=worker_env(env, port, **extra_env), log_path=log_path, name=name
+    )
     started = time.monotonic()
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker_main"],
-            cwd=REPO,
-            env=child_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group, killed as a whole
-        )
-    worker = ServedWorker(process, port, log_path)
     try:
-        _wait_ready(worker, timeout)
-        print(f"# worker ready in {time.monotonic() - started:.1f} s (port {port})", flush=True)
-        yield worker
+        handle.start(f"http://127.0.0.1:{port}/health/ready", timeout=timeout)
+        print(f"# {name} ready in {time.monotonic() - started:.1f} s (port {port})", flush=True)
+        assert handle.process is not None
+        yield ServedWorker(handle.process, port, log_path, handle)
     finally:
-        _kill_group(process)
+        if handle.process is not None:
+            # SIGTERM first (the worker stops its runner), then SIGKILL for whatever is left in
+            # the group: the serve process and every flow-run process it started.
+            handle.stop(timeout=20)
+
+
+@contextlib.contextmanager
+def served_worker(
+    env: BenchEnv, timeout: float = 120.0, **extra_env: str
+) -> Iterator[ServedWorker]:
+    """Start the worker serving the bench flows; stop it (and its whole group) at the end.
+
+    Args:
+        env: the benchmark's server and database.
+        timeout: seconds to wait until ``/health/ready`` answers 200.
+        extra_env: added to the worker's environment (``UNKEY_WORKER_LIMIT``...).
+
+    Yields:
+        The ready worker (``bench.worker_main``, serving ``<flow>/ctrl``).
+
+    Raises:
+        tests.support.processes.ProcessNotReady: it exited or was not ready in time.
+    """
+    with served_process(
+        env, [sys.executable, "-m", "bench.worker_main"], "worker", timeout, **extra_env
+    ) as worker:
+        yield worker
 
 
 async def run_phases(flow_run_id: str) -> dict[str, float]:

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
+from tests.support.processes import ProcessNotReady, ReadyProcess
 from worker import local_server
 
 pytestmark = pytest.mark.slow
@@ -72,33 +72,25 @@ class EmbeddedWorker:
         self.directory = directory
         self.port = local_server.free_port()
         self.log = directory / "worker.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self._ready = ReadyProcess(
+            [CTRL_WORKER, "run"],
+            cwd=directory,
+            env=clean_env(UNKEY_HTTP_PORT=str(self.port)),
+            log_path=self.log,
+            name="worker",
+        )
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._ready.process
 
     def start(self, timeout: float = 120.0) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [CTRL_WORKER, "run"],
-                cwd=self.directory,
-                env=clean_env(UNKEY_HTTP_PORT=str(self.port)),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
+        try:
+            self._ready.start(
+                f"http://127.0.0.1:{self.port}/health/ready", timeout=timeout, poll_seconds=0.25
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"worker exited with {self.process.returncode}:\n{self.tail()}"
-                )
-            try:
-                url = f"http://127.0.0.1:{self.port}/health/ready"
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise AssertionError(f"worker not ready within {timeout} s:\n{self.tail()}")
+        except ProcessNotReady as exc:
+            raise AssertionError(str(exc)) from None
 
     def trigger(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``ctrl-worker trigger ...`` from the worker's directory, configured by nothing."""
@@ -114,17 +106,12 @@ class EmbeddedWorker:
     def kill_everything(self) -> None:
         """Last resort after a failed test: nothing it started may outlive the test."""
         info = self.directory / ".ctrl" / "prefect-server.json"
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        self._ready.kill()  # the worker and whatever is left in its process group
         with contextlib.suppress(OSError, ValueError, KeyError):
             local_server.stop_pid(json.loads(info.read_text())["pid"], timeout=5)
 
     def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return self._ready.tail(lines)
 
 
 def _last_line(text: str) -> str:
