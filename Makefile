@@ -14,7 +14,7 @@ PYTEST := $(BIN)/pytest -p no:cacheprovider
 .PHONY: help venv run test test-fast lint bench clean
 
 help:
-	@echo "make run        start the worker on embedded defaults (local Prefect server, SQLite)"
+	@echo "make run        start the worker on embedded defaults (local Prefect server on embedded PostgreSQL)"
 	@echo "make test       install, start MariaDB, lint, type-check and run the whole suite"
 	@echo "make test-fast  the suite without the slow end-to-end tests"
 	@echo "make lint       ruff check, ruff format --check, mypy"
@@ -39,7 +39,7 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(PYTEST) -q
+	$(PYTEST) -q -n 3 --dist loadfile
 
 test-fast: venv
 	scripts/ensure-servers.sh

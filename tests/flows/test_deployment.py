@@ -77,16 +77,12 @@ def served(prefect_api, control_db, tmp_path_factory) -> Iterator[WorkerProcess]
     """The real worker, serving ``change_desired_state/ctrl`` (and the whole catalogue).
 
     At the end, the crash automation the worker registers is removed again if this module's
-    worker created it: with it, contended calls on the session's SQLite-backed Prefect server
-    ran 3-4 times slower in every later test.
+    worker created it: it evaluates every later run's heartbeats, work later tests need not
+    pay for.
     """
     existed = asyncio.run(_crash_automation_ids())
     log = tmp_path_factory.mktemp("deployment-worker") / "worker.log"
-    # Two flow-run processes at a time: ten starting at once on a small CI machine starve the
-    # in-process calls and the test's Prefect server (SPEC scenario 2 sends 50 change runs).
-    worker = WorkerProcess(
-        prefect_api.url, control_db, prefect_api.state_dir, log, UNKEY_WORKER_LIMIT="2"
-    ).start()
+    worker = WorkerProcess(prefect_api.url, control_db, prefect_api.state_dir, log).start()
     try:
         yield worker
     finally:

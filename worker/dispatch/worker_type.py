@@ -38,6 +38,7 @@ from prefect.workers.base import BaseWorker, BaseWorkerResult
 from prefect.workers.process import ProcessJobConfiguration, ProcessVariables
 from pydantic import PrivateAttr
 
+from worker import prefect_private
 from worker.dispatch.forkserver import Child, ForkServer
 
 if TYPE_CHECKING:
@@ -68,6 +69,29 @@ class WarmJobConfiguration(ProcessJobConfiguration):
 
     _entrypoint: str | None = PrivateAttr(default=None)
     _pull_steps: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+
+    @classmethod
+    async def resolve_for_flow_run(
+        cls,
+        flow_run: FlowRun,
+        *,
+        client: Any,
+        work_pool: WorkPool,
+        worker_name: str,
+        worker_id: UUID | None = None,
+        deployment: DeploymentResponse | None = None,
+    ) -> WarmJobConfiguration:
+        """As the process worker's, with the deployment read at most once per few seconds."""
+        if deployment is None and flow_run.deployment_id is not None:
+            deployment = await _DEPLOYMENTS.read(client, flow_run.deployment_id)
+        return await super().resolve_for_flow_run(
+            flow_run,
+            client=client,
+            work_pool=work_pool,
+            worker_name=worker_name,
+            worker_id=worker_id,
+            deployment=deployment,
+        )
 
     def prepare_for_flow_run(
         self,
@@ -111,6 +135,7 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
     ) -> None:
         kwargs.setdefault("prefetch_seconds", 1)
         super().__init__(work_pool_name, *args, **kwargs)
+        self.prefetch_seconds = float(self.get_status()["settings"]["prefetch_seconds"])
         self.forkserver = ForkServer([*ENGINE_MODULES, *preload, *_default_preload()])
         self.fallback_poll_seconds = fallback_poll_seconds
         self.children: dict[UUID, Child] = {}
@@ -121,6 +146,7 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
         self._pushed: set[UUID] = set()
         self._background: list[asyncio.Task[None]] = []
         self._settings_env: dict[str, str] = {}
+        self._label_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -161,7 +187,10 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
 
     @property
     def _pool_id(self) -> UUID | None:
-        return self._work_pool.id if self._work_pool is not None else None
+        try:
+            return self.work_pool.id
+        except RuntimeError:  # not synced with the pool yet
+            return None
 
     def stop_claiming(self) -> None:
         """Take no new runs from now on (graceful shutdown); running children go on."""
@@ -179,7 +208,7 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
         """A run of the pool became Scheduled: poll now, or when it is due."""
         delay = 0.0
         if scheduled_time is not None:
-            delay = scheduled_time.timestamp() - time.time() - self._prefetch_seconds
+            delay = scheduled_time.timestamp() - time.time() - self.prefetch_seconds
         if delay > 0.05:
             asyncio.get_running_loop().call_later(delay, self._push, flow_run_id)
         else:
@@ -301,6 +330,15 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
             code = 0
         return WarmWorkerResult(identifier=str(child.pid), status_code=code)
 
+    if prefect_private.available(prefect_private.LABELS_METHOD):
+
+        async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
+            # Labels are for the UI only: send them off the run's critical path.
+            parent = super()._give_worker_labels_to_flow_run
+            task = asyncio.get_running_loop().create_task(parent(flow_run_id))
+            self._label_tasks.add(task)
+            task.add_done_callback(self._label_tasks.discard)
+
     async def kill_infrastructure(
         self,
         infrastructure_pid: str,
@@ -337,6 +375,26 @@ async def _wait_exit(child: Child) -> None:
         await done
     finally:
         loop.remove_reader(fd)
+
+
+class _DeploymentCache:
+    """Deployments read within the last ``ttl`` seconds (an update shows within that time)."""
+
+    def __init__(self, ttl: float = 10.0) -> None:
+        self.ttl = ttl
+        self._entries: dict[UUID, tuple[float, Any]] = {}
+
+    async def read(self, client: Any, deployment_id: UUID) -> Any:
+        now = time.monotonic()
+        cached = self._entries.get(deployment_id)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        deployment = await client.read_deployment(deployment_id)
+        self._entries[deployment_id] = (now, deployment)
+        return deployment
+
+
+_DEPLOYMENTS = _DeploymentCache()
 
 
 def _flow_name(entrypoint: str | None) -> str:
