@@ -24,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.processes import ReadyProcess
+from tests.support.waits import row_lock_waits
 from tests.test_end_to_end import REPO, _prefect, clean_env
 from worker import local_server
 
@@ -146,20 +147,6 @@ return out
     assert ended["assign_frontline_routes"][0] == "Failed"  # the routes do not exist
 
 
-def _lock_waits(url: str) -> int:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return int(
-                connection.exec_driver_sql(
-                    "SELECT COUNT(*) FROM information_schema.innodb_trx "
-                    "WHERE trx_state = 'LOCK WAIT'"
-                ).scalar_one()
-            )
-    finally:
-        engine.dispose()
-
-
 def test_a_run_crashed_under_a_stock_worker_is_resumed_by_ctrl_worker(deployed, tmp_path):
     """A stock `prefect worker start --pool ctrl` runs a call (blocked mid-step on a row
     lock) and is SIGKILLed with its flow-run process: the `ctrl-worker run` on that host sees
@@ -191,7 +178,7 @@ def test_a_run_crashed_under_a_stock_worker_is_resumed_by_ctrl_worker(deployed, 
             f"return str((await client.submit('next_version', {{'region': {region!r}}})).id)",
         )
         deadline = time.monotonic() + 180
-        while _lock_waits(url) == 0:
+        while row_lock_waits(url) == 0:
             assert time.monotonic() < deadline, "the stock worker never ran the call"
             time.sleep(0.2)
         record = Path(deployed["UNKEY_STATE_DIR"]) / "runs" / f"{run_id}.json"

@@ -18,8 +18,7 @@ its finished steps replay from their records, only the rest executes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -31,7 +30,7 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from worker import prefect_env
 from worker.kernel.calls import submit_call
 from worker.kernel.errors import CtrlError
-from worker.kernel.events import watch_events
+from worker.kernel.events import until_signalled, watch_events
 from worker.settings import load_settings
 
 __all__ = [
@@ -119,7 +118,7 @@ async def submit(
     )
 
 
-def _end_watch(flow_run_id: UUID, ended: asyncio.Event) -> asyncio.Task[None]:
+def _end_watch(flow_run_id: UUID, ended: asyncio.Event) -> Coroutine[Any, Any, None]:
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
     final = {state.value for state in _FINAL}
@@ -132,7 +131,7 @@ def _end_watch(flow_run_id: UUID, ended: asyncio.Event) -> asyncio.Task[None]:
         if event.resource.get("prefect.state-type") in final:
             ended.set()
 
-    return asyncio.get_running_loop().create_task(watch_events(filter, on_event))
+    return watch_events(filter, on_event)
 
 
 async def wait_for_result(
@@ -156,27 +155,25 @@ async def wait_for_result(
             return await wait_for_result(
                 flow_run_id, timeout=timeout, poll_interval=poll_interval, client=own
             )
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
     ended = asyncio.Event()
-    watcher = _end_watch(flow_run_id, ended)
-    try:
-        while True:
-            state = (await client.read_flow_run(flow_run_id)).state
-            if state is not None and state.type in _FINAL:
-                if state.is_completed():
-                    return await state.aresult()
-                raise FlowRunFailed(flow_run_id, state.name or str(state.type), state.message or "")
-            wait = poll_interval if deadline is None else min(poll_interval, deadline - loop.time())
-            if wait <= 0:
-                raise TimeoutError(f"flow run {flow_run_id} is not finished after {timeout} s")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), wait)
-            ended.clear()
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await watcher
+
+    async def check() -> tuple[Any] | None:
+        state = (await client.read_flow_run(flow_run_id)).state
+        if state is None or state.type not in _FINAL:
+            return None
+        if state.is_completed():
+            return (await state.aresult(),)
+        raise FlowRunFailed(flow_run_id, state.name or str(state.type), state.message or "")
+
+    (result,) = await until_signalled(
+        check,
+        _end_watch(flow_run_id, ended),
+        ended,
+        poll_seconds=lambda _stopped: poll_interval,
+        timeout=timeout,
+        what=f"flow run {flow_run_id}",
+    )
+    return result
 
 
 async def trigger(

@@ -16,7 +16,6 @@ credentials, a result kept in a storage block (S3).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -133,35 +132,29 @@ def _local_result(state: dict[str, Any], flow_run_id: str) -> Any:
 async def _wait(
     client: httpx.AsyncClient, api_url: str, flow_run_id: str, timeout: float | None
 ) -> Outcome:
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
+    from worker.kernel.events import until_signalled
+
     ended = asyncio.Event()
-    watcher = loop.create_task(_watch_end(api_url, flow_run_id, ended))
-    try:
-        while True:
-            response = await client.get(f"/flow_runs/{flow_run_id}")
-            response.raise_for_status()
-            state = response.json().get("state") or {}
-            if state.get("type") in _FINAL:
-                result = _local_result(state, flow_run_id) if state["type"] == "COMPLETED" else None
-                return Outcome(
-                    flow_run_id,
-                    state["type"],
-                    state.get("name"),
-                    state.get("message") or "",
-                    result,
-                )
-            poll = NO_STREAM_POLL_SECONDS if watcher.done() else FALLBACK_POLL_SECONDS
-            wait = poll if deadline is None else min(poll, deadline - loop.time())
-            if wait <= 0:
-                raise TimeoutError(f"flow run {flow_run_id} is not finished after {timeout} s")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), wait)
-            ended.clear()
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await watcher
+
+    async def check() -> Outcome | None:
+        response = await client.get(f"/flow_runs/{flow_run_id}")
+        response.raise_for_status()
+        state = response.json().get("state") or {}
+        if state.get("type") not in _FINAL:
+            return None
+        result = _local_result(state, flow_run_id) if state["type"] == "COMPLETED" else None
+        name, message = state.get("name"), state.get("message") or ""
+        return Outcome(flow_run_id, state["type"], name, message, result)
+
+    return await until_signalled(
+        check,
+        _watch_end(api_url, flow_run_id, ended),
+        ended,
+        # Without the event stream (a server that refuses the socket) poll briskly instead.
+        poll_seconds=lambda stopped: NO_STREAM_POLL_SECONDS if stopped else FALLBACK_POLL_SECONDS,
+        timeout=timeout,
+        what=f"flow run {flow_run_id}",
+    )
 
 
 async def trigger(

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 import uuid
 from uuid import UUID
 
@@ -30,34 +29,11 @@ from tests.support.seed import (
     topology,
     transition,
 )
+from tests.support.waits import row_lock_waits, wait_for
 from worker import client as worker_client
 from worker.kernel.resume import reconcile_once
 
 pytestmark = [pytest.mark.slow, pytest.mark.mysql]
-
-
-def _wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _lock_waits(url: str) -> int:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return int(
-                connection.exec_driver_sql(
-                    "SELECT COUNT(*) FROM information_schema.innodb_trx "
-                    "WHERE trx_state = 'LOCK WAIT'"
-                ).scalar_one()
-            )
-    finally:
-        engine.dispose()
 
 
 def test_a_change_resumed_after_a_clear_applies_nothing(prefect_api, control_db, worker_factory):
@@ -90,7 +66,7 @@ def test_a_change_resumed_after_a_clear_applies_nothing(prefect_api, control_db,
                 idempotency_key=f"crash-change-{nonce}",
             )
         )
-        _wait_for(lambda: _lock_waits(control_db) > 0, 60, "the change to block on the row")
+        wait_for(lambda: row_lock_waits(control_db) > 0, 60, "the change to block on the row")
         record = prefect_api.state_dir / "runs" / f"{run_id}.json"
         pid = json.loads(record.read_text())["pid"]
         first.kill()

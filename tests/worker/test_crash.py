@@ -17,7 +17,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from uuid import UUID
 
@@ -26,32 +25,11 @@ from prefect.client.orchestration import get_client
 
 from tests.support.fixtures import step_log
 from tests.support.kernel_flows import kernel_hold_key
+from tests.support.waits import flow_run, step_counts, wait_for
 from tests.support.worker_process import REPO
 from worker import client as worker_client
 
 pytestmark = pytest.mark.slow
-
-
-def _counts(url: str, tag: str) -> Counter[str]:
-    return Counter(row.step for row in step_log(url, tag))
-
-
-def _wait_for(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _flow_run(flow_run_id: UUID):
-    async def read():
-        async with get_client() as client:
-            return await client.read_flow_run(flow_run_id)
-
-    return asyncio.run(read())
 
 
 def _kill_run_processes(state_dir: Path) -> None:
@@ -74,16 +52,16 @@ def test_killed_worker_resumes_run_without_repeating_finished_steps(
             "kernel_three_steps", {"tag": tag, "sleep_seconds": 20}, idempotency_key=f"crash-{tag}"
         )
     )
-    _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the second step to start")
+    wait_for(lambda: "second" in step_counts(control_db, tag), 60, "the second step to start")
     first.kill()
     _kill_run_processes(prefect_api.state_dir)
-    assert _flow_run(run_id).state.is_running(), "a killed run is left Running by Prefect"
+    assert flow_run(run_id).state.is_running(), "a killed run is left Running by Prefect"
 
     worker_factory()
     result = asyncio.run(worker_client.wait_for_result(run_id, timeout=150))
     assert result == ["first-done", "second-done", "third-done"]
-    assert _counts(control_db, tag) == {"first": 1, "second": 2, "third": 1}
-    assert _flow_run(run_id).run_count == 2
+    assert step_counts(control_db, tag) == {"first": 1, "second": 2, "third": 1}
+    assert flow_run(run_id).run_count == 2
 
 
 def test_failed_call_rerun_with_same_idempotency_key_through_the_client(
@@ -104,7 +82,7 @@ def test_failed_call_rerun_with_same_idempotency_key_through_the_client(
         worker_client.trigger("kernel_three_steps", params, idempotency_key=tag, wait=True)
     )
     assert result == ["first-done", "second-done", "third-done"]
-    assert _counts(control_db, tag) == {"first": 1, "second": 1, "third": 2}
+    assert step_counts(control_db, tag) == {"first": 1, "second": 1, "third": 2}
 
 
 def test_key_of_a_killed_holder_is_free_within_the_lease(prefect_api, control_db, tmp_path):
@@ -130,7 +108,9 @@ def test_key_of_a_killed_holder_is_free_within_the_lease(prefect_api, control_db
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_for(lambda: "acquired" in _counts(control_db, tag), 60, "the holder to take the key")
+        wait_for(
+            lambda: "acquired" in step_counts(control_db, tag), 60, "the holder to take the key"
+        )
         holder.kill()
         holder.wait()
         killed_at = time.time()
@@ -153,7 +133,7 @@ def test_worker_frees_the_key_of_a_dead_local_run_at_once(prefect_api, control_d
     run_id = asyncio.run(
         worker_client.trigger("kernel_hold_key", {"tag": tag, "key": key, "hold_seconds": 5})
     )
-    _wait_for(lambda: "acquired" in _counts(control_db, tag), 60, "the run to take the key")
+    wait_for(lambda: "acquired" in step_counts(control_db, tag), 60, "the run to take the key")
     record = prefect_api.state_dir / "runs" / f"{run_id}.json"
     os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)
     killed_at = time.time()
@@ -162,7 +142,7 @@ def test_worker_frees_the_key_of_a_dead_local_run_at_once(prefect_api, control_d
     assert acquired[1] - killed_at < 20, "the key waited for the lease instead of being released"
     # The killed run itself is resumed and completes (it holds the key once more).
     asyncio.run(worker_client.wait_for_result(run_id, timeout=120))
-    run = _flow_run(run_id)
+    run = flow_run(run_id)
     assert run.state.is_completed() and run.run_count == 2
 
 
@@ -175,16 +155,19 @@ def test_a_run_whose_host_vanished_does_not_stay_running(prefect_api, control_db
     run_id = asyncio.run(
         worker_client.trigger("kernel_three_steps", {"tag": tag, "sleep_seconds": 600})
     )
-    _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the second step to start")
+    wait_for(lambda: "second" in step_counts(control_db, tag), 60, "the second step to start")
     first.kill()
     _kill_run_processes(prefect_api.state_dir)
     (prefect_api.state_dir / "runs" / f"{run_id}.json").unlink()  # the host's disk is gone too
-    _wait_for(
-        lambda: _flow_run(run_id).state.is_crashed(), 200, "the automation to mark it Crashed", 2
+    wait_for(
+        lambda: flow_run(run_id).state.is_crashed(), 200, "the automation to mark it Crashed", 2
     )
     worker_factory()
-    _wait_for(
-        lambda: _counts(control_db, tag)["second"] == 2, 90, "another worker to resume the run", 1
+    wait_for(
+        lambda: step_counts(control_db, tag)["second"] == 2,
+        90,
+        "another worker to resume the run",
+        1,
     )
     _cancel(run_id)
 

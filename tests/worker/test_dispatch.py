@@ -13,7 +13,6 @@ import os
 import signal
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from uuid import UUID
 
@@ -22,47 +21,17 @@ from prefect.client.orchestration import get_client
 from prefect.states import Cancelling
 
 from tests.support.fixtures import step_log
+from tests.support.waits import flow_run, state_names, step_counts, wait_for
 from worker import client as worker_client
 
 pytestmark = pytest.mark.slow
-
-
-def _counts(url: str, tag: str) -> Counter[str]:
-    return Counter(row.step for row in step_log(url, tag))
-
-
-def _wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _flow_run(flow_run_id: UUID):
-    async def read():
-        async with get_client() as client:
-            return await client.read_flow_run(flow_run_id)
-
-    return asyncio.run(read())
-
-
-def _states(flow_run_id: UUID) -> list[str]:
-    async def read():
-        async with get_client() as client:
-            states = await client.read_flow_run_states(flow_run_id)
-        return [s.name for s in sorted(states, key=lambda s: s.timestamp)]
-
-    return asyncio.run(read())
 
 
 def _run_pid(state_dir: Path, flow_run_id: UUID) -> int:
     """The pid of the process running ``flow_run_id`` (from its local run record)."""
     record = state_dir / "runs" / f"{flow_run_id}.json"
     return int(
-        _wait_for(
+        wait_for(
             lambda: record.exists() and json.loads(record.read_text())["pid"],
             30,
             f"the run record of {flow_run_id}",
@@ -96,19 +65,19 @@ def test_sigkill_of_one_forked_run_leaves_its_siblings_running(
     victim, sibling = (f"victim-{uuid.uuid4().hex[:6]}", f"sibling-{uuid.uuid4().hex[:6]}")
     victim_id = _trigger("kernel_three_steps", tag=victim, sleep_seconds=6)
     sibling_id = _trigger("kernel_three_steps", tag=sibling, sleep_seconds=6)
-    _wait_for(lambda: "second" in _counts(control_db, victim), 60, "the victim's second step")
-    _wait_for(lambda: "second" in _counts(control_db, sibling), 60, "the sibling's second step")
+    wait_for(lambda: "second" in step_counts(control_db, victim), 60, "the victim's second step")
+    wait_for(lambda: "second" in step_counts(control_db, sibling), 60, "the sibling's second step")
     victim_pid = _run_pid(prefect_api.state_dir, victim_id)
     assert victim_pid != _run_pid(prefect_api.state_dir, sibling_id), "one process per run"
     os.kill(victim_pid, signal.SIGKILL)
 
     assert asyncio.run(worker_client.wait_for_result(sibling_id, timeout=60))[-1] == "third-done"
-    assert _counts(control_db, sibling) == {"first": 1, "second": 1, "third": 1}
-    assert "Crashed" not in _states(sibling_id)
+    assert step_counts(control_db, sibling) == {"first": 1, "second": 1, "third": 1}
+    assert "Crashed" not in state_names(sibling_id)
     # The victim was reported Crashed by the worker and resumed: only its second step again.
     asyncio.run(worker_client.wait_for_result(victim_id, timeout=90))
-    assert "Crashed" in _states(victim_id)
-    assert _counts(control_db, victim) == {"first": 1, "second": 2, "third": 1}
+    assert "Crashed" in state_names(victim_id)
+    assert step_counts(control_db, victim) == {"first": 1, "second": 2, "third": 1}
 
 
 def test_killing_the_fork_server_mid_run_never_executes_a_step_twice(
@@ -120,16 +89,16 @@ def test_killing_the_fork_server_mid_run_never_executes_a_step_twice(
     process = worker_factory()
     tag = f"forkserver-{uuid.uuid4().hex[:6]}"
     run_id = _trigger("kernel_three_steps", tag=tag, sleep_seconds=5)
-    _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the second step")
+    wait_for(lambda: "second" in step_counts(control_db, tag), 60, "the second step")
     assert process.process is not None
     (forkserver,) = _children_of(process.process.pid, "worker.dispatch.forkserver")
     os.kill(forkserver, signal.SIGKILL)
 
     assert asyncio.run(worker_client.wait_for_result(run_id, timeout=60))[-1] == "third-done"
-    assert _counts(control_db, tag) == {"first": 1, "second": 1, "third": 1}
-    run = _flow_run(run_id)
-    assert run.run_count == 1 and "Crashed" not in _states(run_id)
-    rewarmed = _wait_for(
+    assert step_counts(control_db, tag) == {"first": 1, "second": 1, "third": 1}
+    run = flow_run(run_id)
+    assert run.run_count == 1 and "Crashed" not in state_names(run_id)
+    rewarmed = wait_for(
         lambda: [
             p
             for p in _children_of(process.process.pid, "worker.dispatch.forkserver")
@@ -152,7 +121,7 @@ def test_a_cancelled_run_is_killed_marked_cancelled_and_not_resumed(
     worker_factory()
     tag = f"cancel-{uuid.uuid4().hex[:6]}"
     run_id = _trigger("kernel_three_steps", tag=tag, sleep_seconds=30)
-    _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the second step")
+    wait_for(lambda: "second" in step_counts(control_db, tag), 60, "the second step")
     pid = _run_pid(prefect_api.state_dir, run_id)
 
     async def cancel():
@@ -160,12 +129,12 @@ def test_a_cancelled_run_is_killed_marked_cancelled_and_not_resumed(
             await client.set_flow_run_state(run_id, Cancelling(message="test"), force=True)
 
     asyncio.run(cancel())
-    _wait_for(lambda: _flow_run(run_id).state.is_cancelled(), 30, "the run to be Cancelled")
-    _wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "its process to be gone")
+    wait_for(lambda: flow_run(run_id).state.is_cancelled(), 30, "the run to be Cancelled")
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "its process to be gone")
     time.sleep(3)  # two reconciler passes (interval 1 s): it must not be resumed
-    assert _flow_run(run_id).state.is_cancelled()
-    assert "Crashed" not in _states(run_id)
-    assert _counts(control_db, tag) == {"first": 1, "second": 1}
+    assert flow_run(run_id).state.is_cancelled()
+    assert "Crashed" not in state_names(run_id)
+    assert step_counts(control_db, tag) == {"first": 1, "second": 1}
 
 
 def _give_ups(url: str, tag: str) -> list[str]:
@@ -181,14 +150,14 @@ def test_a_run_killed_past_the_resume_limit_runs_its_give_up_hook(
     worker_factory(UNKEY_RESUME_MAX_ATTEMPTS="0")
     tag = f"giveup-{uuid.uuid4().hex[:6]}"
     run_id = _trigger("kernel_give_up", tag=tag, sleep_seconds=30)
-    _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the body's step")
+    wait_for(lambda: "second" in step_counts(control_db, tag), 60, "the body's step")
     os.kill(_run_pid(prefect_api.state_dir, run_id), signal.SIGKILL)
 
     with pytest.raises(worker_client.FlowRunFailed, match="gave up after 1 attempts"):
         asyncio.run(worker_client.wait_for_result(run_id, timeout=90))
     (reason,) = _give_ups(control_db, tag)
     assert "gave up after 1 attempts" in reason
-    assert _counts(control_db, tag)["second"] == 1, "the body must not run again"
+    assert step_counts(control_db, tag)["second"] == 1, "the body must not run again"
 
 
 def test_a_run_cancelled_while_running_runs_its_give_up_hook(
@@ -199,13 +168,13 @@ def test_a_run_cancelled_while_running_runs_its_give_up_hook(
     worker_factory()
     tag = f"cancel-hook-{uuid.uuid4().hex[:6]}"
     run_id = _trigger("kernel_give_up", tag=tag, sleep_seconds=30)
-    _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the body's step")
+    wait_for(lambda: "second" in step_counts(control_db, tag), 60, "the body's step")
 
     async def cancel():
         async with get_client() as client:
             await client.set_flow_run_state(run_id, Cancelling(message="test"), force=True)
 
     asyncio.run(cancel())
-    _wait_for(lambda: _give_ups(control_db, tag), 60, "the give-up hook")
-    _wait_for(lambda: _flow_run(run_id).state.is_cancelled(), 60, "the run to end Cancelled")
+    wait_for(lambda: _give_ups(control_db, tag), 60, "the give-up hook")
+    wait_for(lambda: flow_run(run_id).state.is_cancelled(), 60, "the run to end Cancelled")
     assert _give_ups(control_db, tag) == ["cancelled while running"]

@@ -9,30 +9,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import Counter
 
 import httpx
 import pytest
 
-from tests.support.fixtures import step_log
+from tests.support.waits import step_counts, wait_for
 from tests.support.worker_process import REPO, WorkerProcess
 from worker import client as worker_client
 from worker.local_server import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _counts(url: str, tag: str) -> Counter[str]:
-    return Counter(row.step for row in step_log(url, tag))
-
-
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_sigterm_lets_a_running_call_finish(prefect_api, control_db, tmp_path):
@@ -51,25 +37,27 @@ def test_sigterm_lets_a_running_call_finish(prefect_api, control_db, tmp_path):
         run_id = asyncio.run(
             worker_client.trigger("kernel_three_steps", {"tag": tag, "sleep_seconds": 8})
         )
-        _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the second step")
+        wait_for(lambda: "second" in step_counts(control_db, tag), 60, "the second step")
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert 'ctrl_flow_runs_started_total{flow="kernel_three_steps"}' in metrics
         assert worker.process is not None
         os.kill(worker.process.pid, signal.SIGTERM)
         # Draining: the health server is the last thing to stop, and says "not ready".
         ready = f"http://127.0.0.1:{worker.port}/health/ready"
-        _wait_for(lambda: httpx.get(ready, timeout=2).status_code == 503, 10, "ready to be 503")
+        wait_for(lambda: httpx.get(ready, timeout=2).status_code == 503, 10, "ready to be 503")
         assert (
             httpx.get(f"http://127.0.0.1:{worker.port}/health/live", timeout=2).status_code == 200
         )
-        assert "second" in _counts(control_db, tag) and "third" not in _counts(control_db, tag)
+        assert "second" in step_counts(control_db, tag) and "third" not in step_counts(
+            control_db, tag
+        )
         assert worker.process.wait(timeout=60) == 0
         assert asyncio.run(worker_client.wait_for_result(run_id, timeout=5)) == [
             "first-done",
             "second-done",
             "third-done",
         ]
-        assert _counts(control_db, tag) == {"first": 1, "second": 1, "third": 1}
+        assert step_counts(control_db, tag) == {"first": 1, "second": 1, "third": 1}
     finally:
         worker.kill()
 
@@ -91,7 +79,7 @@ def test_a_call_outliving_the_grace_period_is_resumed_by_the_next_worker(
         run_id = asyncio.run(
             worker_client.trigger("kernel_three_steps", {"tag": tag, "sleep_seconds": 15})
         )
-        _wait_for(lambda: "second" in _counts(control_db, tag), 60, "the second step")
+        wait_for(lambda: "second" in step_counts(control_db, tag), 60, "the second step")
         started = time.monotonic()
         assert worker.stop(timeout=60) == 0
         assert time.monotonic() - started < 30
@@ -103,7 +91,7 @@ def test_a_call_outliving_the_grace_period_is_resumed_by_the_next_worker(
     try:
         result = asyncio.run(worker_client.wait_for_result(run_id, timeout=120))
         assert result == ["first-done", "second-done", "third-done"]
-        assert _counts(control_db, tag) == {"first": 1, "second": 2, "third": 1}
+        assert step_counts(control_db, tag) == {"first": 1, "second": 2, "third": 1}
     finally:
         second.kill()
 

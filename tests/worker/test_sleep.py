@@ -4,7 +4,6 @@ worker restart, and the same run wakes at its time with its finished steps repla
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections import Counter
 
@@ -12,6 +11,7 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from tests.support.fixtures import step_log
+from tests.support.waits import wait_for
 from worker import client as worker_client
 from worker.kernel.locks import key_lock
 from worker.kernel.sleep import SLEEPING
@@ -30,15 +30,6 @@ def _state_name(flow_run_id) -> str | None:
     return asyncio.run(read())
 
 
-def _wait_for(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_a_long_durable_sleep_frees_process_and_key_and_wakes_on_time_after_a_restart(
     prefect_api, control_db, worker_factory
 ):
@@ -52,7 +43,7 @@ def test_a_long_durable_sleep_frees_process_and_key_and_wakes_on_time_after_a_re
     run_id = asyncio.run(
         worker_client.trigger("kernel_sleep", {"tag": tag, "key": key, "seconds": SLEEP_SECONDS})
     )
-    _wait_for(lambda: _state_name(run_id) == SLEEPING, 60, "the run to go to sleep")
+    wait_for(lambda: _state_name(run_id) == SLEEPING, 60, "the run to go to sleep")
     (before,) = [row.started_at for row in step_log(control_db, tag) if row.step == "first"]
     assert not (prefect_api.state_dir / "runs" / f"{run_id}.json").exists(), (
         "a sleeping run must hold no process"

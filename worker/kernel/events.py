@@ -9,12 +9,15 @@ this module keeps a fallback poll (../shared/reference/fast-dispatch.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 from uuid import UUID
 
-__all__ = ["flow_run_id_of", "watch_events"]
+T = TypeVar("T")
+
+__all__ = ["flow_run_id_of", "until_signalled", "watch_events"]
 
 log = logging.getLogger("ctrl.worker.events")
 
@@ -64,3 +67,47 @@ async def watch_events(
             failures += 1
             log.debug("event stream lost (%s); reconnecting in %.1f s", exc, delay)
             await asyncio.sleep(delay)
+
+
+async def until_signalled(
+    check: Callable[[], Awaitable[T | None]],
+    listener: Coroutine[Any, Any, None],
+    signal: asyncio.Event,
+    *,
+    poll_seconds: Callable[[bool], float],
+    timeout: float | None,
+    what: str,
+) -> T:
+    """Return ``check()`` as soon as it is not None, checking again on each ``signal``.
+
+    Args:
+        check: reads the current state; returns the outcome, or None while not there yet.
+        listener: sets ``signal`` on each event worth checking again on (run as a task for
+            the duration, cancelled at the end).
+        signal: set by ``listener``.
+        poll_seconds: the fallback poll interval, given whether the listener has stopped.
+        timeout: give up after this many seconds (None: never).
+        what: named in the timeout's message.
+
+    Raises:
+        TimeoutError: ``timeout`` passed first.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    watcher = loop.create_task(listener)
+    try:
+        while True:
+            outcome = await check()
+            if outcome is not None:
+                return outcome
+            poll = poll_seconds(watcher.done())
+            wait = poll if deadline is None else min(poll, deadline - loop.time())
+            if wait <= 0:
+                raise TimeoutError(f"{what} is not finished after {timeout} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(signal.wait(), wait)
+            signal.clear()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watcher
