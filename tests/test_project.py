@@ -73,9 +73,17 @@ def test_prefect_yaml_deploys_exactly_the_catalogue() -> None:
 
 def test_prefect_yaml_pull_step_enters_the_code_directory() -> None:
     """A pool worker's flow-run process moves into the code already on its disk (no upload)."""
-    assert _prefect_yaml()["pull"] == PULL_STEPS == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $CTRL_WORKER_DIR }}"}}
-    ]
+    assert (
+        _prefect_yaml()["pull"]
+        == PULL_STEPS
+        == [
+            {
+                "prefect.deployments.steps.set_working_directory": {
+                    "directory": "{{ $CTRL_WORKER_DIR }}"
+                }
+            }
+        ]
+    )
 
 
 @pytest.mark.parametrize("spec", CATALOGUE, ids=lambda spec: spec.full_name)
@@ -146,6 +154,36 @@ def test_check_config_names_the_bad_variable(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert "UNKEY_BUILD_PLATFORM" in result.stdout
     assert "windows" in result.stdout
+
+
+def test_trigger_of_an_unknown_flow_is_bad_usage_even_without_a_server(tmp_path: Path) -> None:
+    """`ctrl-worker trigger` with an unknown flow exits 2 (bad usage) and names the known
+    flows, even where no Prefect server runs; a malformed --param is bad usage too."""
+    for args in (["nope"], ["next_version", "--param", "no-equals-sign"]):
+        result = subprocess.run(
+            [CTRL_WORKER, "trigger", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=clean_env(),
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+    assert "next_version" in result.stderr or "K=V" in result.stderr
+
+
+def test_trigger_without_a_server_is_an_error_not_bad_usage(tmp_path: Path) -> None:
+    """A known flow with no Prefect API to reach: exit 1, saying how to start one."""
+    result = subprocess.run(
+        [CTRL_WORKER, "trigger", "next_version", "--param", "region=x"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "ctrl-worker run" in result.stderr
 
 
 def test_readme_documents_every_setting() -> None:

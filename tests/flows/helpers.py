@@ -1,4 +1,5 @@
-"""What the service-flow tests share: calling a flow that must fail at once, and polling."""
+"""What the service-flow tests share: calling a flow that must fail at once (no step
+retried), and polling."""
 
 from __future__ import annotations
 
@@ -11,18 +12,30 @@ import pytest
 
 E = TypeVar("E", bound=BaseException)
 
-# A retried step backs off 1 + 2 + 4 + 8 + 16 s (+-20 %) before giving up: a call that fails
-# well within this bound was not retried.
-AT_ONCE_SECONDS = 15.0
+
+def _step_retries() -> float:
+    """Every step retry counted in this process (``ctrl_step_retries_total``, all steps)."""
+    from worker.kernel import metrics
+
+    return sum(
+        sample.value
+        for family in metrics.STEP_RETRIES.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
 
 
 def fails_at_once(error: type[E], flow: Callable[..., Awaitable[Any]], **params: Any) -> E:
-    """Call ``flow`` in-process; it must raise ``error`` without retrying. Returns the error."""
-    started = time.monotonic()
+    """Call ``flow`` in-process; it must raise ``error`` without any step being retried.
+
+    Returns:
+        The error raised.
+    """
+    retries_before = _step_retries()
     with pytest.raises(error) as caught:
         asyncio.run(flow(**params))
-    elapsed = time.monotonic() - started
-    assert elapsed < AT_ONCE_SECONDS, f"{error.__name__} took {elapsed:.1f} s: was it retried?"
+    retried = _step_retries() - retries_before
+    assert retried == 0, f"{error.__name__} came after {retried:.0f} step retries"
     return caught.value
 
 
