@@ -15,7 +15,14 @@ from worker import local_server
 from worker.kernel.errors import ConfigError
 from worker.settings import Settings
 
-__all__ = ["RESULTS_BLOCK", "apply", "refresh_prefect_settings", "resolve_api_url", "worker_env"]
+__all__ = [
+    "RESULTS_BLOCK",
+    "apply",
+    "drain_background_senders",
+    "refresh_prefect_settings",
+    "resolve_api_url",
+    "worker_env",
+]
 
 RESULTS_BLOCK = "ctrl-results"  # blocks.results saves it under this name
 CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout holding flows/, tasks/, worker/
@@ -109,3 +116,19 @@ def refresh_prefect_settings() -> AbstractContextManager[object]:
     from prefect.settings import Settings as PrefectSettings
 
     return SettingsContext(profile=get_settings_context().profile, settings=PrefectSettings())
+
+
+def drain_background_senders(timeout: float = 10.0) -> None:
+    """Send Prefect's queued events and API logs now, while the server is still up.
+
+    A process that ends with ``os._exit`` runs no atexit handler; one whose Prefect server
+    stops first would have those handlers retry against a dead server for minutes.
+    """
+    import contextlib
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            service.drain_all(timeout=timeout)

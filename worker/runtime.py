@@ -107,6 +107,9 @@ def run_worker(settings: Settings, extra: Sequence[DeploymentSpec] = ()) -> int:
             return asyncio.run(_run(settings, ui, tuple(extra)))
     finally:
         if server is not None:
+            # The worker's own events (claims, lock releases) must reach the server before it
+            # stops, or the interpreter's exit would retry them for minutes.
+            prefect_env.drain_background_senders()
             log.info("stopping the local Prefect server")
             local_server.stop(settings.state_path, server)
 

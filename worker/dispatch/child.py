@@ -24,7 +24,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-__all__ = ["resolve_flow", "run_child"]
+from worker.prefect_env import drain_background_senders
+
+__all__ = ["resolve_flow", "run_child", "warm_up"]
 
 DRAIN_TIMEOUT_SECONDS = 10.0
 
@@ -139,16 +141,6 @@ def _new_modules_report(before: set[str]) -> None:
         print("modules imported in the child:", sorted(set(sys.modules) - before), file=sys.stderr)
 
 
-def _drain_background_senders() -> None:
-    # The process ends with os._exit (no atexit): send queued logs and events first.
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for service in (APILogWorker, EventsWorker):
-        with contextlib.suppress(Exception):
-            service.drain_all(timeout=DRAIN_TIMEOUT_SECONDS)
-
-
 def run_child(payload: dict[str, Any]) -> int:
     """Run one flow run in this (forked) process; returns the exit code.
 
@@ -195,7 +187,7 @@ def run_child(payload: dict[str, Any]) -> int:
         code = 1
     finally:
         _new_modules_report(before)
-        _drain_background_senders()
+        drain_background_senders(DRAIN_TIMEOUT_SECONDS)
         sys.stdout.flush()
         sys.stderr.flush()
     return code
