@@ -32,8 +32,8 @@ WORK_QUEUE_NAME = "default"
 PULL_STEPS: list[dict[str, Any]] = [
     {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $CTRL_WORKER_DIR }}"}}
 ]
-# Every flow-run process, whichever worker starts it, sends heartbeats: the crash automation
-# marks a run without them Crashed after 90 s (stock workers do not set this themselves).
+# Every flow-run process, whichever worker starts it, sends heartbeats: the reconciler marks
+# a run without them for 90 s Crashed (stock workers do not set this themselves).
 JOB_VARIABLES: dict[str, Any] = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}}
 
 

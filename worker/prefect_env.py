@@ -53,7 +53,7 @@ def worker_env(settings: Settings, api_url: str) -> dict[str, str]:
         # Step records must be found by every process of every attempt of a call.
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(settings.results_dir()),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-        # Heartbeats let the crash automation mark a silently dead run Crashed within ~90 s.
+        # Heartbeats let the reconciler mark a silently dead run Crashed within ~90 s.
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # Flow-run processes may run elsewhere than the worker's cwd.

@@ -2,8 +2,8 @@
 
 Startup order (SPEC §4): validate config -> logging -> health server (503 until started) ->
 vault -> DB -> result storage -> register with Prefect: the ``ctrl`` pool and the catalogue's
-deployments (the same as ``prefect deploy --all`` of ``prefect.yaml``), their key limits and
-the crash automation (retried 10 x 5 s, fatal after) -> the warm worker
+deployments (the same as ``prefect deploy --all`` of ``prefect.yaml``) and their key limits
+(retried 10 x 5 s, fatal after) -> the warm worker
 (``worker.dispatch``: fork server, event push, fallback poll) -> the reconciler (resumes
 crashed runs of the pool's deployments, whichever worker ran them) -> metrics. With
 ``PREFECT_API_URL`` unset it first starts (and at the end stops) a local Prefect server under
@@ -185,20 +185,20 @@ def _open_local_resources(settings: Settings, health: Any, cleanups: _Cleanups) 
 async def _register(
     settings: Settings, extra: tuple[DeploymentSpec, ...], vault: Any
 ) -> dict[UUID, DeploymentSpec]:
-    """Pool, deployments, automation, blocks and global keys, retried 10 x 5 s."""
+    """Pool, deployments, blocks and global keys (and the old automation retired), 10 x 5 s."""
     from prefect.client.orchestration import get_client
 
     from blocks.results import save_results_block
     from deployments import CATALOGUE
     from worker.kernel.locks import ensure_key_limit
-    from worker.kernel.resume import ensure_crash_automation
+    from worker.kernel.resume import retire_crash_automation
     from worker.registration import register_deployments
 
     for attempt in range(1, REGISTER_ATTEMPTS + 1):
         try:
             async with get_client() as client:
                 registered = await register_deployments(client, (*CATALOGUE, *extra))
-                await ensure_crash_automation(client)
+                await retire_crash_automation(client)
                 # Blocks are a projection of the environment, visible in the UI (the
                 # environment stays the source of truth; flows read it directly).
                 await vault.asave(VAULT_BLOCK_NAME, overwrite=True)

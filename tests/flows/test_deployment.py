@@ -53,7 +53,6 @@ from tests.support.seed import (
 from tests.support.worker_process import WorkerProcess
 from worker.kernel.errors import InvalidParameterError, RefusedError
 from worker.kernel.locks import ensure_key_limit
-from worker.kernel.resume import CRASH_AUTOMATION
 
 CHANGE_DEPLOYMENT = "change_desired_state/ctrl"
 TOPOLOGY_STATUS = {"running": "started", "standby": "stopped", "archived": "stopped"}
@@ -61,34 +60,15 @@ LONG_DELAY_MILLIS = 10 * 60 * 1000  # far beyond the worker's 10 s prefetch: sta
 UNFINISHED = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING}
 
 
-async def _crash_automation_ids() -> list[UUID]:
-    async with get_client() as client:
-        return [a.id for a in await client.read_automations_by_name(CRASH_AUTOMATION)]
-
-
-async def _delete_automations(ids: list[UUID]) -> None:
-    async with get_client() as client:
-        for automation_id in ids:
-            await client.delete_automation(automation_id)
-
-
 @pytest.fixture(scope="module")
 def served(prefect_api, control_db, tmp_path_factory) -> Iterator[WorkerProcess]:
-    """The real worker, serving ``change_desired_state/ctrl`` (and the whole catalogue).
-
-    At the end, the crash automation the worker registers is removed again if this module's
-    worker created it: it evaluates every later run's heartbeats, work later tests need not
-    pay for.
-    """
-    existed = asyncio.run(_crash_automation_ids())
+    """The real worker, serving ``change_desired_state/ctrl`` (and the whole catalogue)."""
     log = tmp_path_factory.mktemp("deployment-worker") / "worker.log"
     worker = WorkerProcess(prefect_api.url, control_db, prefect_api.state_dir, log).start()
     try:
         yield worker
     finally:
         worker.stop()
-        if not existed:
-            asyncio.run(_delete_automations(asyncio.run(_crash_automation_ids())))
 
 
 @dataclass

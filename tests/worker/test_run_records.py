@@ -33,5 +33,5 @@ def test_reused_pid_is_dead():
 
 
 def test_records_of_other_hosts_are_not_judged():
-    """Another host's record is left to Prefect's heartbeat automation."""
+    """Another host's record is not judged here (the reconciler's heartbeat check covers it)."""
     assert process_alive(_record(999999, "1", host="some-other-host"))

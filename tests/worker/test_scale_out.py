@@ -84,7 +84,8 @@ def test_keys_serialize_across_workers_and_calls_spread_over_them(control_db, th
 
 def test_a_call_on_a_killed_worker_is_resumed_once_on_another(control_db, three_hosts):
     """The host running a call dies (worker and flow-run process SIGKILLed): the heartbeat
-    automation marks the run Crashed, exactly one other worker resumes it, and the steps
+    heartbeat check of the other workers' reconcilers marks the run Crashed, exactly one of them
+    resumes it, and the steps
     finished before the kill replay from S3 (executed once)."""
     tag = f"scale-kill-{uuid.uuid4().hex[:8]}"
     run_id = asyncio.run(

@@ -79,7 +79,7 @@ def pid_running(pid: int, process_start: str = "") -> bool:
 def process_alive(record: RunRecord) -> bool:
     """True while the process that wrote ``record`` is still running."""
     if record.host != socket.gethostname():
-        return True  # not ours to judge: Prefect's heartbeat automation covers other hosts
+        return True  # not ours to judge: the reconciler's heartbeat check covers other hosts
     return pid_running(record.pid, record.process_start)
 
 
