@@ -127,6 +127,20 @@ async def release_held_keys() -> None:
         await held.release()
 
 
+async def _create_limit(name: str) -> None:
+    """Create the limit ``name`` (limit 1); another caller creating it first is fine."""
+    async with get_client() as client:
+        try:
+            await client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
+            )
+        except ObjectAlreadyExists:
+            pass
+        except httpx.HTTPStatusError as exc:  # older servers answer 409 without mapping
+            if exc.response.status_code != 409:
+                raise
+
+
 async def ensure_key_limit(key: str) -> UUID:
     """Create the limit for ``key`` (limit 1) unless it exists; returns its id."""
     name = lock_name(key)
@@ -138,15 +152,7 @@ async def ensure_key_limit(key: str) -> UUID:
             # Look first: creating an existing limit makes the server log a traceback.
             limit = await client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            try:
-                await client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
-                )
-            except ObjectAlreadyExists:
-                pass
-            except httpx.HTTPStatusError as exc:  # older servers answer 409 without mapping
-                if exc.response.status_code != 409:
-                    raise
+            await _create_limit(name)
             limit = await client.read_global_concurrency_limit_by_name(name)
     _limit_ids[name] = limit.id
     return limit.id
@@ -287,7 +293,7 @@ async def _key_lock(name: str, key: str, lease_seconds: float) -> AsyncIterator[
         lease_id, limit_id = await _acquire(name, lease_seconds)
     except _LimitGone:
         _limit_ids.pop(name, None)
-        await ensure_key_limit(key)
+        await _create_limit(name)
         lease_id, limit_id = await _acquire(name, lease_seconds)
     metrics.LOCK_WAIT_SECONDS.observe(time.monotonic() - waited_from)
     held = HeldKey(name=name, limit_id=limit_id, lease_id=lease_id)
