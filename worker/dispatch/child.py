@@ -136,11 +136,6 @@ async def _run_pull_steps(steps: list[dict[str, Any]]) -> None:
             os.environ["PREFECT__FLOW_RUN_ID"] = run_id
 
 
-def _new_modules_report(before: set[str]) -> None:
-    if os.environ.get("CTRL_DISPATCH_DEBUG"):
-        print("modules imported in the child:", sorted(set(sys.modules) - before), file=sys.stderr)
-
-
 def run_child(payload: dict[str, Any]) -> int:
     """Run one flow run in this (forked) process; returns the exit code.
 
@@ -152,7 +147,6 @@ def run_child(payload: dict[str, Any]) -> int:
         0 when Prefect's engine handled the run's outcome, else non-zero.
     """
     code = 1
-    before = set(sys.modules)
     try:
         _apply_environment(payload.get("env") or {})
         if payload.get("cwd"):
@@ -186,7 +180,6 @@ def run_child(payload: dict[str, Any]) -> int:
         traceback.print_exc()
         code = 1
     finally:
-        _new_modules_report(before)
         drain_background_senders(DRAIN_TIMEOUT_SECONDS)
         sys.stdout.flush()
         sys.stderr.flush()

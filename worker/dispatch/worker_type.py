@@ -2,7 +2,8 @@
 
 A Prefect worker type through the public plugin interface (``prefect.workers.base.BaseWorker``,
 registered by the project's ``prefect.collections`` entry point), chosen over patching the
-Runner's internals because it needs no private Prefect name: BaseWorker claims each run with
+Runner's internals because claiming and starting runs needs no private Prefect name (the one
+optional speed-up that does lives in ``worker.prefect_private``): BaseWorker claims each run with
 the stock state machine (Scheduled -> Pending -> Running, the server's ``FOR UPDATE`` check
 keeps two workers off one run), and this class only decides how a claimed run starts:
 
@@ -61,7 +62,6 @@ ENGINE_MODULES = (
     "worker.dispatch.child",
 )
 log = logging.getLogger("ctrl.worker.dispatch")
-_DEBUG = bool(os.environ.get("CTRL_DISPATCH_DEBUG"))
 
 
 class WarmJobConfiguration(ProcessJobConfiguration):
@@ -215,8 +215,6 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
             self._push(flow_run_id)
 
     def _push(self, flow_run_id: UUID) -> None:
-        if _DEBUG:
-            print(f"DISPATCH pushed {flow_run_id} {time.time():.3f}", flush=True)
         self._pushed.add(flow_run_id)
         self._kick.set()
 
@@ -229,8 +227,6 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
             try:
                 for attempt in range(4):
                     claimed = {run.id for run in await self.get_and_submit_flow_runs()}
-                    if _DEBUG:
-                        print(f"DISPATCH polled {claimed} {time.time():.3f}", flush=True)
                     # The server publishes a run's event inside the transaction that creates
                     # it: a poll right after the event can miss the run. Look again shortly.
                     if not pushed - claimed - set(self.children) or attempt == 3:
@@ -308,11 +304,7 @@ class WarmProcessWorker(BaseWorker[WarmJobConfiguration, ProcessVariables, WarmW
             "pull_steps": configuration._pull_steps,
             "cwd": str(configuration.working_dir) if configuration.working_dir else None,
         }
-        if _DEBUG:
-            print(f"DISPATCH run() {flow_run.id} {time.time():.3f}", flush=True)
         child = await asyncio.to_thread(self.forkserver.spawn, payload)
-        if _DEBUG:
-            print(f"DISPATCH forked {flow_run.id} {time.time():.3f}", flush=True)
         self.children[flow_run.id] = child
         self._entrypoints[flow_run.id] = entrypoint
         if task_status is not None:
