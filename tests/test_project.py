@@ -39,6 +39,18 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _ctrl_worker(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The installed console script, run with no UNKEY_/PREFECT_ variable but ``env``."""
+    return subprocess.run(
+        [CTRL_WORKER, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=clean_env(**env),
+        timeout=60,
+    )
+
+
 def _prefect_yaml() -> dict[str, Any]:
     return yaml.safe_load((REPO / "prefect.yaml").read_text())
 
@@ -115,42 +127,21 @@ def test_installed_dependencies_are_consistent() -> None:
 )
 def test_every_subcommand_has_help(args: list[str], tmp_path: Path) -> None:
     """The console script is installed and every (sub)command answers `--help` with exit 0."""
-    result = subprocess.run(
-        [CTRL_WORKER, *args, "--help"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=clean_env(),
-        timeout=60,
-    )
+    result = _ctrl_worker(*args, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: ctrl-worker")
 
 
 def test_check_config_passes_with_no_configuration(tmp_path: Path) -> None:
     """Embedded defaults need no configuration at all: `check-config` exits 0."""
-    result = subprocess.run(
-        [CTRL_WORKER, "check-config"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=clean_env(),
-        timeout=60,
-    )
+    result = _ctrl_worker("check-config", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "configuration ok" in result.stdout
 
 
 def test_check_config_names_the_bad_variable(tmp_path: Path) -> None:
     """A bad setting makes `check-config` exit 1 with a message naming the variable."""
-    result = subprocess.run(
-        [CTRL_WORKER, "check-config"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=clean_env(UNKEY_BUILD_PLATFORM="windows/amd64"),
-        timeout=60,
-    )
+    result = _ctrl_worker("check-config", cwd=tmp_path, UNKEY_BUILD_PLATFORM="windows/amd64")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "UNKEY_BUILD_PLATFORM" in result.stdout
     assert "windows" in result.stdout
@@ -160,28 +151,14 @@ def test_trigger_of_an_unknown_flow_is_bad_usage_even_without_a_server(tmp_path:
     """`ctrl-worker trigger` with an unknown flow exits 2 (bad usage) and names the known
     flows, even where no Prefect server runs; a malformed --param is bad usage too."""
     for args in (["nope"], ["next_version", "--param", "no-equals-sign"]):
-        result = subprocess.run(
-            [CTRL_WORKER, "trigger", *args],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env=clean_env(),
-            timeout=60,
-        )
+        result = _ctrl_worker("trigger", *args, cwd=tmp_path)
         assert result.returncode == 2, result.stdout + result.stderr
     assert "next_version" in result.stderr or "K=V" in result.stderr
 
 
 def test_trigger_without_a_server_is_an_error_not_bad_usage(tmp_path: Path) -> None:
     """A known flow with no Prefect API to reach: exit 1, saying how to start one."""
-    result = subprocess.run(
-        [CTRL_WORKER, "trigger", "next_version", "--param", "region=x"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=clean_env(),
-        timeout=60,
-    )
+    result = _ctrl_worker("trigger", "next_version", "--param", "region=x", cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "ctrl-worker run" in result.stderr
 

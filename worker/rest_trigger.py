@@ -68,15 +68,12 @@ async def _create(
     scheduled_time: datetime | None,
 ) -> dict[str, Any]:
     from deployments import DEPLOYMENT_NAME
-    from worker.kernel.errors import NotFoundError
+    from worker.kernel.errors import deployment_not_found
 
     full_name = f"{flow_name}/{DEPLOYMENT_NAME}"
     found = await client.get(f"/deployments/name/{full_name}")
     if found.status_code == 404:
-        raise NotFoundError(
-            f"deployment '{full_name}' not found: is a worker (`ctrl-worker run`) or "
-            "`prefect deploy` of this version registered with this Prefect API?"
-        )
+        raise deployment_not_found(full_name)
     found.raise_for_status()
     body: dict[str, Any] = {"parameters": parameters, "idempotency_key": idempotency_key}
     if scheduled_time is not None:

@@ -25,7 +25,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import AwaitingRetry, Scheduled, State
 
 from deployments import DEPLOYMENT_NAME
-from worker.kernel.errors import NotFoundError
+from worker.kernel.errors import deployment_not_found
 from worker.kernel.hooks import GIVE_UP_TAG
 from worker.kernel.locks import key_lock
 
@@ -99,10 +99,7 @@ async def _deployment_id(client: PrefectClient, flow_name: str) -> UUID:
     try:
         deployment = await client.read_deployment_by_name(full_name)
     except ObjectNotFound:
-        raise NotFoundError(
-            f"deployment '{full_name}' not found: is a worker (`ctrl-worker run`) or "
-            "`prefect deploy` of this version registered with this Prefect API?"
-        ) from None
+        raise deployment_not_found(full_name) from None
     _deployment_ids[cache_key] = deployment.id
     return deployment.id
 

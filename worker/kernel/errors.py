@@ -23,6 +23,7 @@ __all__ = [
     "RefusedError",
     "RetryableError",
     "TerminalError",
+    "deployment_not_found",
     "is_terminal",
 ]
 
@@ -70,6 +71,14 @@ class ConfigError(TerminalError):
 
 class RetryableError(CtrlError):
     """A transient failure that is worth retrying (also: any exception not in this tree)."""
+
+
+def deployment_not_found(full_name: str) -> NotFoundError:
+    """The error for a service call whose ``<flow>/ctrl`` deployment is not registered."""
+    return NotFoundError(
+        f"deployment '{full_name}' not found: is a worker (`ctrl-worker run`) or "
+        "`prefect deploy` of this version registered with this Prefect API?"
+    )
 
 
 def is_terminal(exc: BaseException) -> bool:
