@@ -53,7 +53,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Crashed, Failed, State
+from prefect.states import Cancelled, Crashed, Failed, State
 
 from worker.kernel import metrics, run_records
 from worker.kernel.calls import RESUME_MESSAGE, change_state_if_unchanged, resumptions_of
@@ -96,12 +96,17 @@ async def _release_dead_local_runs(client: PrefectClient, report: ReconcileRepor
         except ObjectNotFound:
             flow_run = None
         if flow_run is not None and flow_run.state is not None and flow_run.state.type in _ALIVE:
-            await client.set_flow_run_state(
-                flow_run_id,
-                Crashed(message=f"process {record.pid} on {record.host} died (seen by the worker)"),
-                force=True,
+            # A run being cancelled whose process is gone is cancelled, not crashed (a Crashed
+            # run would be resumed against the caller's wish); either way only if its state
+            # is still the one read here (the worker may have ended it meanwhile).
+            died = f"process {record.pid} on {record.host} died (seen by the worker)"
+            ending: State[Any] = (
+                Cancelled(message=died)
+                if flow_run.state.type == StateType.CANCELLING
+                else Crashed(message=died)
             )
-            report.marked_crashed.append(flow_run_id)
+            if await change_state_if_unchanged(client, flow_run, died, state=ending):
+                report.marked_crashed.append(flow_run_id)
         for lease in record.leases:
             try:
                 await client.release_concurrency_slots_with_lease(UUID(lease))
@@ -205,8 +210,8 @@ async def reconcile_once(
         flow_names: the flow name of each deployment (metrics, give-up hooks).
     """
     report = ReconcileReport()
-    await _release_dead_local_runs(client, report)
     if not deployment_ids:
+        await _release_dead_local_runs(client, report)
         return report
     await _crash_silent_runs(client, deployment_ids, report)
     crashed = await _runs_in(client, deployment_ids, StateType.CRASHED)
@@ -216,6 +221,11 @@ async def reconcile_once(
         for run in await _runs_in(client, deployment_ids, StateType.PENDING)
         if run.state is not None and run.state.timestamp < stale_before
     ]
+    # After reading the crashed runs, not before: a run is Crashed only once its process is
+    # dead, so its local record (and the keys it held) is released here before the run is
+    # resumed. In the other order a run crashed in between was resumed first, its new
+    # process overwrote the record, and its old lease was only freed by expiry.
+    await _release_dead_local_runs(client, report)
     for flow_run in [*crashed, *stuck]:
         name = (flow_names or {}).get(flow_run.deployment_id or UUID(int=0), "unknown")
         await _repair(client, flow_run, max_resumes, name, report)
