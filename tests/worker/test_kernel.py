@@ -8,17 +8,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections import Counter
 
 import pytest
 
 from tests.support.fixtures import step_log
 from tests.support.kernel_flows import kernel_hold_key, kernel_three_steps
+from tests.support.waits import step_counts
 from worker.kernel.steps import durable_call
-
-
-def _counts(url: str, tag: str) -> Counter[str]:
-    return Counter(row.step for row in step_log(url, tag))
 
 
 def test_flow_retry_replays_finished_steps(control_db, tmp_path):
@@ -29,7 +25,7 @@ def test_flow_retry_replays_finished_steps(control_db, tmp_path):
     flow = kernel_three_steps.with_options(retries=1, retry_delay_seconds=0)
     result = asyncio.run(flow(tag=tag, fail_marker=str(marker)))
     assert result == ["first-done", "second-done", "third-done"]
-    assert _counts(control_db, tag) == {"first": 1, "second": 1, "third": 2}
+    assert step_counts(control_db, tag) == {"first": 1, "second": 1, "third": 2}
 
 
 def test_new_run_with_same_idempotency_key_replays_finished_steps(control_db, tmp_path):
@@ -40,11 +36,11 @@ def test_new_run_with_same_idempotency_key_replays_finished_steps(control_db, tm
     key = f"idem-{tag}"
     with durable_call(key), pytest.raises(RuntimeError, match="fails once"):
         asyncio.run(kernel_three_steps(tag=tag, fail_marker=str(marker)))
-    assert _counts(control_db, tag) == {"first": 1, "second": 1, "third": 1}
+    assert step_counts(control_db, tag) == {"first": 1, "second": 1, "third": 1}
     with durable_call(key):
         result = asyncio.run(kernel_three_steps(tag=tag, fail_marker=str(marker)))
     assert result == ["first-done", "second-done", "third-done"]
-    assert _counts(control_db, tag) == {"first": 1, "second": 1, "third": 2}
+    assert step_counts(control_db, tag) == {"first": 1, "second": 1, "third": 2}
 
 
 def test_different_idempotency_keys_do_not_share_steps(control_db):
@@ -53,7 +49,7 @@ def test_different_idempotency_keys_do_not_share_steps(control_db):
     for key in ("a", "b"):
         with durable_call(f"{tag}-{key}"):
             asyncio.run(kernel_three_steps(tag=tag))
-    assert _counts(control_db, tag) == {"first": 2, "second": 2, "third": 2}
+    assert step_counts(control_db, tag) == {"first": 2, "second": 2, "third": 2}
 
 
 def _intervals(url: str, tag: str) -> list[tuple[float, float]]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import Counter
 
 import boto3
 import pytest
 
-from tests.support.fixtures import step_log
+from tests.support.waits import step_counts
 from tests.support.worker_process import WorkerProcess
 from worker import client as worker_client
 
@@ -69,7 +68,7 @@ def test_a_call_resumed_on_another_host_replays_steps_from_s3(
     finally:
         host_b.stop()
     assert result == ["first-done", "second-done", "third-done"]
-    assert Counter(row.step for row in step_log(control_db, tag)) == {
+    assert step_counts(control_db, tag) == {
         "first": 1,
         "second": 1,
         "third": 2,

@@ -18,6 +18,7 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from tests.support.fixtures import s3_results_env, step_log
+from tests.support.waits import step_counts
 from tests.support.worker_process import WorkerProcess
 from worker import client as worker_client
 from worker.kernel.calls import RESUME_MESSAGE
@@ -92,7 +93,7 @@ def test_a_call_on_a_killed_worker_is_resumed_once_on_another(control_db, three_
         worker_client.trigger("kernel_three_steps", {"tag": tag, "sleep_seconds": 20})
     )
     deadline = time.monotonic() + 60
-    while "second" not in Counter(row.step for row in step_log(control_db, tag)):
+    while "second" not in step_counts(control_db, tag):
         assert time.monotonic() < deadline, "the second step did not start"
         time.sleep(0.2)
     (run,) = _runs([run_id])
@@ -104,7 +105,7 @@ def test_a_call_on_a_killed_worker_is_resumed_once_on_another(control_db, three_
 
     result = asyncio.run(worker_client.wait_for_result(run_id, timeout=240))
     assert result == ["first-done", "second-done", "third-done"]
-    assert Counter(row.step for row in step_log(control_db, tag)) == {
+    assert step_counts(control_db, tag) == {
         "first": 1,
         "second": 2,
         "third": 1,

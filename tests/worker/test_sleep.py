@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import Counter
 
 import pytest
 from prefect.client.orchestration import get_client
 
 from tests.support.fixtures import step_log
-from tests.support.waits import wait_for
+from tests.support.waits import step_counts, wait_for
 from worker import client as worker_client
 from worker.kernel.locks import key_lock
 from worker.kernel.sleep import SLEEPING
@@ -60,4 +59,4 @@ def test_a_long_durable_sleep_frees_process_and_key_and_wakes_on_time_after_a_re
     woke = asyncio.run(worker_client.wait_for_result(run_id, timeout=SLEEP_SECONDS + 90))
     late_by = woke - (before + SLEEP_SECONDS)
     assert -1 <= late_by <= 5, f"woke {late_by:+.1f} s off its time"
-    assert Counter(row.step for row in step_log(control_db, tag)) == {"first": 1, "after": 1}
+    assert step_counts(control_db, tag) == {"first": 1, "after": 1}
