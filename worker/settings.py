@@ -130,7 +130,19 @@ class Settings(BaseSettings):
     build_s3_access_key_secret: SecretStr | None = None
     github_app_id: int = Field(default=0, ge=0)
     github_private_key_pem: SecretStr | None = None
+    github_api_url: str = "https://api.github.com"
+    allow_unauthenticated_deployments: bool = False
+    build_timeout_seconds: float = Field(default=3600.0, gt=0, le=86400)
     sentinel_image: str = "ghcr.io/unkeyed/unkey:latest"
+
+    # -- deploys and the data plane ----------------------------------------------------------
+    deploy_wait_timeout_seconds: float = Field(default=900.0, gt=0, le=86400)
+    deploy_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    # "local": the worker runs the local data-plane simulation in-process; "external": a real
+    # data plane (krane) reports instances. Unset: local on the embedded defaults (no
+    # UNKEY_DATABASE_PRIMARY), external otherwise.
+    dataplane: Literal["local", "external"] | None = None
+    dataplane_start_seconds: float = Field(default=0.5, ge=0, le=3600)
 
     # -- ClickHouse (optional, fix of the original which required it) -----------------------
     clickhouse_url: SecretStr | None = None
@@ -183,6 +195,12 @@ class Settings(BaseSettings):
     def build_architecture(self) -> str:
         """The architecture part of ``build_platform`` (``linux/amd64`` -> ``amd64``)."""
         return self.build_platform.lstrip("/").split("/")[1]
+
+    def dataplane_mode(self) -> Literal["local", "external"]:
+        """Which data plane reports instances (``UNKEY_DATAPLANE``, or its default)."""
+        if self.dataplane is not None:
+            return self.dataplane
+        return "external" if _secret_set(self.database_primary) else "local"
 
     def github_enabled(self) -> bool:
         """GitHub is enabled only with both an app id and a private key (as the original)."""
