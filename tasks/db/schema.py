@@ -2,8 +2,9 @@
 
 The original tables (reference appendix) keep their names, columns, types, nullability, defaults
 and unique constraints, so the worker can run against an existing Unkey database. The worker's
-own tables (`region_versions`, `deployment_transitions`, `quota_notifications`,
-`key_refill_progress`) hold state the original kept in Restate.
+own tables (`region_versions`, `deployment_transitions`, `deployment_failures`,
+`quota_notifications`, `key_refill_progress`) hold state the original kept in Restate (and, for
+`deployment_failures`, the reason a deploy failed).
 
 One definition serves MariaDB/MySQL (PyMySQL) and SQLite: MySQL-only types (`bigint unsigned`,
 `longblob`, `datetime(3)`, `tinyint`) are variants of portable ones, enums are native `ENUM` on
@@ -55,6 +56,7 @@ __all__ = [
     "cilium_network_policies",
     "clickhouse_workspace_settings",
     "custom_domains",
+    "deployment_failures",
     "deployment_topology",
     "deployment_transitions",
     "deployments",
@@ -576,6 +578,18 @@ deployment_transitions = Table(
     _req("state", _enum("state", DESIRED_STATES)),
     _opt("scheduled_flow_run_id", String(64)),
     *_timestamps(),
+    **_MYSQL_TABLE,
+)
+
+# DeployService: why a deploy ended `failed` (the original's table has no message column), so
+# an operator sees the reason next to the status the give-up hook wrote.
+deployment_failures = Table(
+    "deployment_failures",
+    metadata,
+    _req("deployment_id", String(128), primary_key=True),
+    _req("message", String(1024)),
+    _opt("flow_run_id", String(64)),
+    _req("failed_at", BigInteger),
     **_MYSQL_TABLE,
 )
 

@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-__all__ = ["frozen_clock", "new_id", "now", "now_ms"]
+__all__ = ["frozen_clock", "new_dns_label", "new_id", "now", "now_ms"]
 
 _ALPHABET = string.ascii_letters + string.digits
+_DNS_FIRST = string.ascii_lowercase
+_DNS_REST = string.ascii_lowercase + string.digits
 _source: Callable[[], float] = time.time
 
 
@@ -28,6 +30,13 @@ def now() -> datetime:
 def new_id(prefix: str, length: int = 16) -> str:
     """A random id like the original's ``uid.New(prefix)``: ``<prefix>_<random>``."""
     return f"{prefix}_{''.join(secrets.choice(_ALPHABET) for _ in range(length))}"
+
+
+def new_dns_label(length: int = 12) -> str:
+    """A random RFC 1035 label (the original's ``uid.DNS1035()``): a lowercase letter, then
+    lowercase letters and digits; used for Kubernetes names and namespaces."""
+    rest = "".join(secrets.choice(_DNS_REST) for _ in range(length - 1))
+    return secrets.choice(_DNS_FIRST) + rest
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from worker.kernel.hooks import (
     register_give_up_hook,
 )
 from worker.kernel.locks import HeldKey, key_lock
-from worker.kernel.steps import step
+from worker.kernel.steps import register_tick_key, step
 from worker.settings import worker_settings
 
 __all__ = ["critical_section", "parse", "service_flow"]
@@ -131,7 +131,12 @@ async def _call_body(
 
 
 def service_flow(
-    name: str, *, description: str | None = None, on_give_up: GiveUpHook | None = None
+    name: str,
+    *,
+    description: str | None = None,
+    on_give_up: GiveUpHook | None = None,
+    run_name: str | None = None,
+    tick_key: str | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Flow[P, Awaitable[R]]]:
     """Declare a service call (one Prefect flow, deployed as ``<name>/ctrl``).
 
@@ -140,9 +145,15 @@ def service_flow(
         description: shown in the UI; defaults to the first line of the docstring.
         on_give_up: ``hook(parameters, reason)``, run whenever a call whose parameters were
             accepted ends without success (``worker.kernel.hooks``); must be idempotent.
+        run_name: the flow run's name, a template over the parameters
+            (``"deploy-{deployment_id}"``), so runs are found by the resource they act on.
+        tick_key: for crons, the call key of a scheduled run as a template over its tick
+            (``"scale-down-idle-{tick:%Y-%m-%dT%H:%M}"``; see ``steps.register_tick_key``).
     """
     if on_give_up is not None:
         register_give_up_hook(name, on_give_up)
+    if tick_key is not None:
+        register_tick_key(name, tick_key)
 
     def decorate(fn: Callable[P, Awaitable[R]]) -> Flow[P, Awaitable[R]]:
         @functools.wraps(fn)
@@ -162,6 +173,7 @@ def service_flow(
             persist_result=True,
             result_serializer="json",
             validate_parameters=False,
+            flow_run_name=run_name,
             retries=0,
             log_prints=False,
         )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, ParamSpec, TypeVar, overload
@@ -40,7 +40,15 @@ from prefect.states import State
 from worker.kernel import metrics
 from worker.kernel.errors import is_terminal
 
-__all__ = ["backoff_delays", "call_key", "durable_call", "step", "step_cache_key"]
+__all__ = [
+    "backoff_delays",
+    "call_key",
+    "call_subflow",
+    "durable_call",
+    "register_tick_key",
+    "step",
+    "step_cache_key",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -69,16 +77,63 @@ def durable_call(key: str) -> Iterator[None]:
         _CALL_KEY_OVERRIDE.reset(token)
 
 
+async def call_subflow(
+    flow: Callable[..., Awaitable[R]],
+    call_id: str,
+    *,
+    idempotency_key: str | None = None,
+    **parameters: Any,
+) -> R:
+    """Call another service's flow as a subflow of this call, under its own key.
+
+    The subflow's steps are recorded under ``<this call's key>:<call_id>``, so when this call
+    is resumed or retried the subflow (a new subflow run) replays its finished steps instead of
+    doing them again: Restate's journaled call of another service.
+
+    Args:
+        flow: a service flow (``flows.routing.assign_frontline_routes``).
+        call_id: what distinguishes this call from the call's other subflow calls
+            (``"routing"``, ``"standby:<deployment id>"``).
+        idempotency_key: record the subflow's steps under this key alone instead (Restate's
+            call with an idempotency key: every caller using it gets the one call).
+        **parameters: the flow's parameters.
+
+    Returns:
+        The subflow's result.
+    """
+    with durable_call(idempotency_key or f"{call_key()}:{call_id}"):
+        return await flow(**parameters)
+
+
+# Cron flows: the call key of a scheduled run, a template over its tick (``{tick:%Y-%m-%d}``).
+_TICK_KEYS: dict[str, str] = {}
+_SCHEDULER_KEY_PREFIX = "scheduled "  # Prefect's scheduler: "scheduled <dep> <schedule> <time>"
+
+
+def register_tick_key(flow_name: str, template: str) -> None:
+    """Key the scheduled runs of ``flow_name`` by their tick, as the original's crons were
+    (``scale-down-idle-{tick:%Y-%m-%dT%H:%M}``): a manual call made with the same idempotency
+    key as a tick replays that tick's steps instead of doing them again."""
+    _TICK_KEYS[flow_name] = template
+
+
 def call_key() -> str:
-    """The key of the current call: override, the flow run's idempotency key, or its id."""
+    """The key of the current call: override, the flow run's idempotency key (a cron tick's
+    key for scheduled runs of a flow with a tick key), or its id."""
     override = _CALL_KEY_OVERRIDE.get()
     if override:
         return override
     flow_ctx = FlowRunContext.get()
     if flow_ctx is not None and flow_ctx.flow_run is not None:
-        if flow_ctx.flow_run.idempotency_key:
-            return flow_ctx.flow_run.idempotency_key
-        return str(flow_ctx.flow_run.id)
+        run = flow_ctx.flow_run
+        template = _TICK_KEYS.get(flow_ctx.flow.name) if flow_ctx.flow is not None else None
+        if template and (run.idempotency_key or "").startswith(_SCHEDULER_KEY_PREFIX):
+            tick = run.expected_start_time or run.created
+            if tick is not None:
+                return template.format(tick=tick)
+        if run.idempotency_key:
+            return run.idempotency_key
+        return str(run.id)
     task_ctx = TaskRunContext.get()
     if task_ctx is not None and task_ctx.task_run.flow_run_id is not None:
         return str(task_ctx.task_run.flow_run_id)
@@ -162,6 +217,7 @@ def step(
     retry_max_delay: float = 60.0,
     timeout_seconds: float | None = None,
     fresh: bool = False,
+    run_name: str | None = None,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -176,6 +232,7 @@ def step(
     retry_max_delay: float = 60.0,
     timeout_seconds: float | None = None,
     fresh: bool = False,
+    run_name: str | None = None,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Make ``fn`` a durable step (a Prefect task with a persisted, keyed result).
 
@@ -193,6 +250,8 @@ def step(
         fresh: a read that guards a write: recorded once per holding of the call's key, so
             it runs again after the key is re-taken (a resume, a durable sleep) instead of
             replaying a value the world may have moved past.
+        run_name: the task run's name in the UI, a template over the parameters
+            (``"wait for instances in {region}"``), so a run reads like the original's journal.
 
     Returns:
         A Prefect task; call it inside a flow like the function.
@@ -223,6 +282,7 @@ def step(
             retry_jitter_factor=0.2 if retries else None,
             retry_condition_fn=_retry_only_retryable,
             timeout_seconds=timeout_seconds,
+            task_run_name=run_name,
             log_prints=False,
         )
 
