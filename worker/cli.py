@@ -1,4 +1,4 @@
-"""The ``ctrl-worker`` command line: run, check-config, db init, trigger.
+"""The ``ctrl-worker`` command line: run, check-config, db init, trigger, dataplane, seed-demo.
 
 Imports stay lazy: Prefect reads its settings on import, so the API URL must be in the
 environment first, and ``check-config`` should answer without importing Prefect at all.
@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="start the run this many seconds from now",
+    )
+    commands.add_parser(
+        "dataplane",
+        help="run the local data plane (a simulation of krane, not for production) until SIGTERM",
+    )
+    commands.add_parser(
+        "seed-demo", help="write a demo workspace, project, environment and pending deployment"
     )
     return parser
 
@@ -181,6 +188,71 @@ async def _trigger_with_prefect(
     return Outcome(str(run_id), "COMPLETED", "Completed", "", result)
 
 
+def _masked(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (a database URL is a secret)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _require_tables(url: str) -> None:
+    """Refuse a database without the control-plane tables, naming the command that makes them.
+
+    Raises:
+        CtrlError: the database cannot be reached or tables are missing (the message shows
+            the URL with its password masked).
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from tasks.db.schema import missing_tables
+    from worker.kernel.errors import CtrlError
+
+    try:
+        absent = missing_tables(url)
+    except SQLAlchemyError as exc:
+        # The driver's first line says why (access denied, unknown host); never the password.
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise CtrlError(
+            f"cannot reach the control-plane database {_masked(url)}: {reason}"
+        ) from None
+    if absent:
+        names = ", ".join(absent[:3]) + (", ..." if len(absent) > 3 else "")
+        raise CtrlError(
+            f"the control-plane database {_masked(url)} lacks {len(absent)} table(s) "
+            f"({names}): run `ctrl-worker db init` first"
+        )
+
+
+def _dataplane() -> int:
+    from worker.dataplane import LocalDataPlane, run_local_dataplane
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    url = settings.database_url()
+    _require_tables(url)
+    description = LocalDataPlane.from_settings(settings).describe()
+    print(f"{description}; database {_masked(url)}", flush=True)
+    run_local_dataplane(settings)
+    return EXIT_OK
+
+
+def _seed_demo() -> int:
+    from tasks.db.demo import seed_demo
+    from worker.settings import load_settings
+
+    url = load_settings().database_url()
+    _require_tables(url)
+    ids = seed_demo(url)
+    for name in ("workspace_id", "project_id", "environment_id", "deployment_id"):
+        print(f"{name}={getattr(ids, name)}")
+    print("next, with `ctrl-worker run` running (from this directory):")
+    print(
+        f"ctrl-worker trigger deploy --param deployment_id={ids.deployment_id} "
+        "--param docker_image=nginx:1.27 --wait"
+    )
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ctrl-worker`` console script."""
     args = _parser().parse_args(argv)
@@ -193,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             return _db_init()
         if args.command == "trigger":
             return _trigger(args)
+        if args.command == "dataplane":
+            return _dataplane()
+        if args.command == "seed-demo":
+            return _seed_demo()
         from worker.runtime import run_worker
         from worker.settings import load_settings
 

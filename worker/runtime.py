@@ -5,9 +5,10 @@ vault -> DB -> result storage -> register with Prefect: the ``ctrl`` pool and th
 deployments (the same as ``prefect deploy --all`` of ``prefect.yaml``) and their key limits
 (retried 10 x 5 s, fatal after) -> the warm worker
 (``worker.dispatch``: fork server, event push, fallback poll) -> the reconciler (resumes
-crashed runs of the pool's deployments, whichever worker ran them) -> metrics. With
-``PREFECT_API_URL`` unset it first starts (and at the end stops) a local Prefect server under
-the state directory.
+crashed runs of the pool's deployments, whichever worker ran them) -> the local data plane
+(``worker.dataplane``, a simulation of krane) if ``UNKEY_DATAPLANE`` is ``local`` -> metrics.
+With ``PREFECT_API_URL`` unset it first starts (and at the end stops) a local Prefect server
+under the state directory.
 
 Shutdown on SIGTERM/SIGINT: ``/health/ready`` turns 503 at once, no new runs are claimed,
 running ones get ``UNKEY_SHUTDOWN_GRACE_SECONDS`` (30 s) to finish; what is still running then
@@ -134,6 +135,10 @@ async def _run(settings: Settings, ui: str, extra: tuple[DeploymentSpec, ...]) -
             asyncio.create_task(_sync_forever(worker), name="pool-sync"),
             asyncio.create_task(_reconcile_forever(settings, registered), name="reconciler"),
         ]
+        if settings.dataplane_mode() == "local":
+            from worker.dataplane import start_local_dataplane
+
+            background.append(start_local_dataplane(settings))
         cleanups.push("background tasks", lambda: [task.cancel() for task in background])
         if settings.prometheus_port:
             _serve_metrics(settings.prometheus_port)

@@ -309,3 +309,98 @@ def region_counters(url: str) -> dict[str, int]:
     with engine_for(url).connect() as connection:
         rows = connection.execute(sa.select(region_versions.c.region, region_versions.c.version))
         return {row.region: int(row.version) for row in rows}
+
+
+# -- the data plane: sentinels, topology changes, instances (tests of the local data plane) -----
+# Appended as a section of its own (with its imports) so that the module's head stays as it was.
+
+from tasks.db.schema import instances, sentinels  # noqa: E402
+
+__all__ += [
+    "delete_dataplane_rows",
+    "insert_sentinel",
+    "instances_of",
+    "sentinel_state",
+    "set_topology",
+]
+
+
+def insert_sentinel(
+    url: str, ids: SeedIds, project: Project, region: str, desired_replicas: int = 3
+) -> str:
+    """A sentinel of ``project``'s environment in ``region`` with health ``unknown``, as the
+    deploy flow writes it; returns its id (remove it with ``delete_dataplane_rows``)."""
+    sentinel_id = new_id("sen")
+    with engine_for(url).begin() as connection:
+        version = increment_region_version(connection, region)
+        connection.execute(
+            sentinels.insert().values(
+                id=sentinel_id,
+                workspace_id=project.workspace_id,
+                project_id=project.project_id,
+                environment_id=project.environment_id,
+                k8s_name=sentinel_id.replace("_", "-"),
+                k8s_address=f"{sentinel_id}.sentinel.svc.cluster.local:8040",
+                region=region,
+                image="ghcr.io/unkeyed/unkey:latest",
+                desired_replicas=desired_replicas,
+                available_replicas=0,
+                cpu_millicores=256,
+                memory_mib=256,
+                version=version,
+                created_at=now_ms(),
+            )
+        )
+    if region not in ids.regions:
+        ids.regions.append(region)
+    return sentinel_id
+
+
+def set_topology(url: str, deployment_id: str, region: str, **values: object) -> None:
+    """Change columns of a topology row (``desired_replicas=2``, ``desired_status="stopped"``)."""
+    with engine_for(url).begin() as connection:
+        connection.execute(
+            sa.update(deployment_topology)
+            .where(
+                deployment_topology.c.deployment_id == deployment_id,
+                deployment_topology.c.region == region,
+            )
+            .values(**values)
+        )
+
+
+def instances_of(url: str, deployment_id: str) -> list[sa.Row]:
+    """The deployment's instances (k8s_name, region, address, status, ...), by k8s_name."""
+    with engine_for(url).connect() as connection:
+        return list(
+            connection.execute(
+                sa.select(instances)
+                .where(instances.c.deployment_id == deployment_id)
+                .order_by(instances.c.k8s_name)
+            )
+        )
+
+
+def sentinel_state(url: str, sentinel_id: str) -> tuple[str, int] | None:
+    """``(health, available_replicas)`` of the sentinel (None if it has no row)."""
+    with engine_for(url).connect() as connection:
+        row = connection.execute(
+            sa.select(sentinels.c.health, sentinels.c.available_replicas).where(
+                sentinels.c.id == sentinel_id
+            )
+        ).first()
+    return None if row is None else (row.health, int(row.available_replicas))
+
+
+def delete_dataplane_rows(
+    url: str, deployment_ids: list[str], sentinel_ids: list[str] | tuple[str, ...] = ()
+) -> None:
+    """Delete the instances of ``deployment_ids`` and the sentinels ``sentinel_ids`` (before
+    ``cleanup``, which removes the rest)."""
+    with engine_for(url).begin() as connection:
+        if deployment_ids:
+            connection.execute(
+                sa.delete(instances).where(instances.c.deployment_id.in_(deployment_ids))
+            )
+        if sentinel_ids:
+            connection.execute(sa.delete(sentinels).where(sentinels.c.id.in_(sentinel_ids)))
