@@ -79,6 +79,10 @@ CATALOGUE: tuple[DeploymentSpec, ...] = (
     DeploymentSpec("flows/deployment.py:change_desired_state"),
     DeploymentSpec("flows/deployment.py:clear_scheduled_state_changes"),
     DeploymentSpec("flows/routing.py:assign_frontline_routes"),
+    DeploymentSpec("flows/deploy.py:deploy"),
+    DeploymentSpec("flows/deploy.py:promote"),
+    DeploymentSpec("flows/deploy.py:rollback"),
+    DeploymentSpec("flows/deploy.py:scale_down_idle_preview_deployments", cron="*/15 * * * *"),
 )
 
 

@@ -9,6 +9,9 @@ if it already started it changes nothing because its nonce no longer matches.
 the write's own transaction, so a call resumed after a clear applies nothing): it writes
 ``deployments.desired_state`` and every region's topology status, each with a new version.
 ``clear_scheduled_state_changes`` drops the pending transition and cancels its run.
+``change_desired_state_now`` is the same change without a delay for callers inside another
+call (rollback, the idle-preview scale-down): under the deployment's key, one transaction drops
+any pending transition (the immediate change is the newest writer) and applies the change.
 Side-effect steps: ``set_transition``, ``send_call``, ``cancel_scheduled_run``,
 ``apply_desired_state``, ``take_version``, ``update_topology_status``, ``clear_transition``.
 Failure: an unknown state or bad id is terminal before anything is written; changing the
@@ -27,6 +30,7 @@ from tasks.db.transitions import (
     DELETED,
     SUPERSEDED,
     apply_desired_state,
+    apply_desired_state_now,
     clear_transition,
     find_deployment_regions,
     remember_scheduled_run,
@@ -40,6 +44,7 @@ from worker.kernel.service import critical_section, parse, service_flow
 
 __all__ = [
     "change_desired_state",
+    "change_desired_state_now",
     "clear_scheduled_state_changes",
     "schedule_desired_state_change",
 ]
@@ -133,3 +138,32 @@ async def clear_scheduled_state_changes(deployment_id: str) -> None:
         scheduled = clear_transition(params.deployment_id)
         if scheduled:
             await cancel_scheduled_run(scheduled, "scheduled state changes cleared")
+
+
+async def change_desired_state_now(deployment_id: str, state: str) -> str:
+    """Change a deployment's desired state now, from inside another call (no flow run).
+
+    Takes ``deployment:{deployment_id}`` like the flows above; the pending transition, if any,
+    is superseded and its scheduled run cancelled.
+
+    Args:
+        deployment_id: the deployment.
+        state: ``running``, ``standby`` or ``archived``.
+
+    Returns:
+        ``applied``, or ``deleted`` when the deployment no longer exists (nothing changed).
+
+    Raises:
+        InvalidParameterError: a bad id or state.
+        RefusedError: the deployment is its project's live deployment (nothing written).
+    """
+    params = parse(ChangeParams, deployment_id=deployment_id, nonce="now", state=state)
+    async with critical_section(_key(params.deployment_id)):
+        change = apply_desired_state_now(
+            params.deployment_id, params.state, TOPOLOGY_STATUS[params.state]
+        )
+        if change["superseded_run"]:
+            await cancel_scheduled_run(
+                change["superseded_run"], "superseded by an immediate change"
+            )
+        return change["outcome"]

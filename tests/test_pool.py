@@ -107,6 +107,10 @@ CALLS = {
         "deployment_id": "d_nowhere",
         "frontline_route_ids": ["r_nowhere"],
     },
+    "deploy": {"deployment_id": "d_nowhere", "docker_image": "nginx:1.27"},
+    "promote": {"target_deployment_id": "d_nowhere"},
+    "rollback": {"source_deployment_id": "d_nowhere", "target_deployment_id": "d_elsewhere"},
+    "scale_down_idle_preview_deployments": {},
 }
 
 

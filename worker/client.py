@@ -39,8 +39,12 @@ __all__ = [
     "change_desired_state",
     "clear_scheduled_state_changes",
     "connect",
+    "deploy",
     "get_version",
     "next_version",
+    "promote",
+    "rollback",
+    "scale_down_idle_preview_deployments",
     "schedule_desired_state_change",
     "submit",
     "trigger",
@@ -307,6 +311,86 @@ async def assign_frontline_routes(
             "deployment_id": deployment_id,
             "frontline_route_ids": frontline_route_ids,
         },
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def deploy(
+    deployment_id: str,
+    *,
+    docker_image: str | None = None,
+    git: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """DeployService.Deploy: exactly one of ``docker_image`` or ``git`` (``installation_id``,
+    ``repository``, ``commit_sha``, optional ``context_path``, ``dockerfile_path``); with
+    ``wait``, the deploy's summary (regions, domains, live) once it is ``ready``."""
+    parameters: dict[str, Any] = {"deployment_id": deployment_id}
+    if docker_image is not None:
+        parameters["docker_image"] = docker_image
+    if git is not None:
+        parameters["git"] = git
+    return await trigger(
+        "deploy",
+        parameters,
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def promote(
+    target_deployment_id: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """DeployService.Promote: make a ready deployment live (the old live to standby in 30 min)."""
+    return await trigger(
+        "promote",
+        {"target_deployment_id": target_deployment_id},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def rollback(
+    source_deployment_id: str,
+    target_deployment_id: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """DeployService.Rollback: move live traffic from the live ``source`` back to ``target``."""
+    return await trigger(
+        "rollback",
+        {
+            "source_deployment_id": source_deployment_id,
+            "target_deployment_id": target_deployment_id,
+        },
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def scale_down_idle_preview_deployments(
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """DeployService.ScaleDownIdlePreviewDeployments (the cron's call, on demand)."""
+    return await trigger(
+        "scale_down_idle_preview_deployments",
+        {},
         idempotency_key=idempotency_key,
         wait=wait,
         scheduled_time=scheduled_time,

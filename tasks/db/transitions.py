@@ -9,13 +9,14 @@ run that will apply it, so a newer schedule or a clear can cancel that run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
-from sqlalchemy import Row, Select, delete, select, update
+from sqlalchemy import Connection, Row, Select, delete, select, update
 
 from tasks.db.engine import is_mysql
 from tasks.db.schema import deployment_topology, deployment_transitions, deployments, projects
 from tasks.db.session import control_plane_transaction
+from tasks.db.versions import increment_region_version
 from worker.kernel.clock import now_ms
 from worker.kernel.errors import RefusedError
 from worker.kernel.steps import step
@@ -24,8 +25,10 @@ __all__ = [
     "APPLIED",
     "DELETED",
     "SUPERSEDED",
+    "ImmediateChange",
     "Transition",
     "apply_desired_state",
+    "apply_desired_state_now",
     "clear_transition",
     "find_deployment_regions",
     "remember_scheduled_run",
@@ -109,6 +112,43 @@ def clear_transition(deployment_id: str, nonce: str | None = None) -> str | None
 APPLIED, SUPERSEDED, DELETED = "applied", "superseded", "deleted"
 
 
+def _write_desired_state(connection: Connection, deployment_id: str, desired_state: str) -> str:
+    """Set ``deployments.desired_state`` unless the deployment is gone (``deleted``) or live.
+
+    Raises:
+        RefusedError: the deployment is its project's live deployment.
+    """
+    found = connection.execute(
+        select(deployments.c.project_id).where(deployments.c.id == deployment_id)
+    ).first()
+    if found is None:
+        return DELETED
+    live = connection.execute(
+        select(projects.c.live_deployment_id).where(projects.c.id == found.project_id)
+    ).scalar_one_or_none()
+    if live == deployment_id:
+        raise RefusedError(f"not allowed to modify the current live deployment '{deployment_id}'")
+    connection.execute(
+        update(deployments)
+        .where(deployments.c.id == deployment_id)
+        .values(desired_state=desired_state, updated_at=now_ms())
+    )
+    return APPLIED
+
+
+def _write_topology_status(
+    connection: Connection, deployment_id: str, region: str, status: str, version: int
+) -> None:
+    connection.execute(
+        update(deployment_topology)
+        .where(
+            deployment_topology.c.deployment_id == deployment_id,
+            deployment_topology.c.region == region,
+        )
+        .values(desired_status=status, version=version, updated_at=now_ms())
+    )
+
+
 @step(key=("nonce",))
 def apply_desired_state(deployment_id: str, nonce: str, desired_state: str) -> str:
     """Set the deployment's desired state if ``nonce`` is still its pending transition.
@@ -129,24 +169,57 @@ def apply_desired_state(deployment_id: str, nonce: str, desired_state: str) -> s
         ).first()
         if pending is None or pending.nonce != nonce:
             return SUPERSEDED
-        found = connection.execute(
-            select(deployments.c.project_id).where(deployments.c.id == deployment_id)
+        return _write_desired_state(connection, deployment_id, desired_state)
+
+
+class ImmediateChange(TypedDict):
+    outcome: str
+    superseded_run: str | None
+
+
+@step(
+    name="applying desired state now",
+    key=("deployment_id", "desired_state"),
+    run_name="applying desired state {desired_state} to {deployment_id}",
+)
+def apply_desired_state_now(
+    deployment_id: str, desired_state: str, topology_status: str
+) -> ImmediateChange:
+    """Change the deployment's desired state now, superseding any pending transition.
+
+    One transaction: the pending transition is dropped (an immediate change is the newest
+    writer), the desired state written, and every region's topology status set with a new
+    region version taken in the same transaction.
+
+    Returns:
+        ``outcome`` (``applied`` or ``deleted``) and the superseded scheduled run, if any, for
+        the caller to cancel.
+
+    Raises:
+        RefusedError: the deployment is its project's live deployment (nothing written).
+    """
+    with control_plane_transaction() as connection:
+        pending: Row[Any] | None = connection.execute(
+            _row(deployment_id, lock=is_mysql(connection))
         ).first()
-        if found is None:
-            return DELETED
-        live = connection.execute(
-            select(projects.c.live_deployment_id).where(projects.c.id == found.project_id)
-        ).scalar_one_or_none()
-        if live == deployment_id:
-            raise RefusedError(
-                f"not allowed to modify the current live deployment '{deployment_id}'"
+        superseded = pending.scheduled_flow_run_id if pending is not None else None
+        outcome = _write_desired_state(connection, deployment_id, desired_state)
+        if pending is not None:
+            connection.execute(
+                delete(deployment_transitions).where(
+                    deployment_transitions.c.deployment_id == deployment_id
+                )
             )
-        connection.execute(
-            update(deployments)
-            .where(deployments.c.id == deployment_id)
-            .values(desired_state=desired_state, updated_at=now_ms())
-        )
-    return APPLIED
+        if outcome == APPLIED:
+            regions = connection.execute(
+                select(deployment_topology.c.region)
+                .where(deployment_topology.c.deployment_id == deployment_id)
+                .order_by(deployment_topology.c.region)
+            ).scalars()
+            for region in list(regions):
+                version = increment_region_version(connection, region)
+                _write_topology_status(connection, deployment_id, region, topology_status, version)
+    return ImmediateChange(outcome=outcome, superseded_run=superseded)
 
 
 @step
@@ -165,11 +238,4 @@ def find_deployment_regions(deployment_id: str) -> list[str]:
 def update_topology_status(deployment_id: str, region: str, status: str, version: int) -> None:
     """Set the deployment's topology status in ``region`` with a new version."""
     with control_plane_transaction() as connection:
-        connection.execute(
-            update(deployment_topology)
-            .where(
-                deployment_topology.c.deployment_id == deployment_id,
-                deployment_topology.c.region == region,
-            )
-            .values(desired_status=status, version=version, updated_at=now_ms())
-        )
+        _write_topology_status(connection, deployment_id, region, status, version)
