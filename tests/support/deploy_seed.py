@@ -263,3 +263,55 @@ def set_project(url: str, project_id: str, **values: object) -> None:
     """Change columns of the project (``live_deployment_id=...``, ``is_rolled_back=True``)."""
     with engine_for(url).begin() as connection:
         connection.execute(sa.update(projects).where(projects.c.id == project_id).values(**values))
+
+
+# -- promote / rollback tests: routes, another environment, deployment columns -----------------
+
+__all__ += ["add_environment", "insert_route", "set_deployment"]
+
+
+def insert_route(seed: DeploySeed, fqdn: str, sticky: str, deployment_id: str) -> str:
+    """A frontline route of the seed's project and environment for ``fqdn`` with ``sticky``
+    (``none``/``branch``/``environment``/``live``) pointing at ``deployment_id``; returns its
+    id (``cleanup_deploy`` removes it)."""
+    route_id = new_id("fr")
+    with engine_for(seed.url).begin() as connection:
+        connection.execute(
+            frontline_routes.insert().values(
+                id=route_id,
+                project_id=seed.project_id,
+                deployment_id=deployment_id,
+                environment_id=seed.environment_id,
+                fully_qualified_domain_name=fqdn,
+                sticky=sticky,
+                created_at=now_ms(),
+            )
+        )
+    seed.ids.routes.append(route_id)
+    return route_id
+
+
+def add_environment(seed: DeploySeed, slug: str) -> str:
+    """Another environment (no runtime settings) of the seed's project; returns its id."""
+    environment_id = new_id("env")
+    with engine_for(seed.url).begin() as connection:
+        connection.execute(
+            environments.insert().values(
+                id=environment_id,
+                workspace_id=seed.workspace_id,
+                project_id=seed.project_id,
+                slug=slug,
+                sentinel_config=b"",
+                created_at=now_ms(),
+            )
+        )
+    seed.ids.environments.append(environment_id)
+    return environment_id
+
+
+def set_deployment(url: str, deployment_id: str, **values: object) -> None:
+    """Change columns of a deployment (``desired_state="standby"``, ``environment_id=...``)."""
+    with engine_for(url).begin() as connection:
+        connection.execute(
+            sa.update(deployments).where(deployments.c.id == deployment_id).values(**values)
+        )
