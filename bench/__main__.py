@@ -18,7 +18,7 @@ import time
 
 from bench.common import REPO
 
-BENCHMARKS = ("step_overhead", "key_lock", "key_handoff", "dispatch", "versions")
+BENCHMARKS = ("step_overhead", "key_lock", "key_handoff", "dispatch", "versions", "deploy_latency")
 
 
 def _selection(args: list[str]) -> list[tuple[str, str | None]]:
