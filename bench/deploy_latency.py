@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from bench.common import (
     bench_env,
@@ -30,9 +32,9 @@ from bench.common import (
 REGIONS = ("bench-a.test", "bench-b.test")
 
 
-async def _timed(coro_factory) -> float:  # type: ignore[no-untyped-def]
+async def _timed(call: Callable[[], Awaitable[Any]]) -> float:
     started = time.perf_counter()
-    await coro_factory()
+    await call()
     return time.perf_counter() - started
 
 
@@ -42,14 +44,13 @@ def main() -> int:
     quiet_prefect_console()
     print(f"# deploy_latency N={size}, load {load_average()}", flush=True)
     with bench_env() as env:
+        from tasks.db.engine import engine_for
+        from tasks.db.schema import environment_runtime_settings
         from tests.support.deploy_seed import cleanup_deploy, seed_deploy
         from worker import client
 
         seeds = [seed_deploy(env.database_url, regions=0) for _ in range(size + 1)]
         for seed in seeds:  # the same two regions for every deploy (what the worker serves)
-            from tasks.db.engine import engine_for
-            from tasks.db.schema import environment_runtime_settings
-
             with engine_for(env.database_url).begin() as connection:
                 connection.execute(
                     environment_runtime_settings.update()
@@ -63,7 +64,7 @@ def main() -> int:
             "UNKEY_DEPLOY_POLL_SECONDS": "0.05",
         }
         try:
-            with served_worker(env, **extra):
+            with served_worker(env, 120.0, **extra):
 
                 async def measure() -> tuple[list[float], list[float]]:
                     await client.deploy(seeds[0].deployment_id, docker_image="nginx", wait=True)
