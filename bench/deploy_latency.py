@@ -13,6 +13,7 @@ ratio = deploy p50 / next_version p50: what a deploy costs in single service cal
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -71,13 +72,10 @@ def main() -> int:
                     await client.next_version(f"warm-{uuid.uuid4().hex[:6]}", wait=True)
                     deploys, calls = [], []
                     for seed in seeds[1:]:
-                        deploys.append(
-                            await _timed(
-                                lambda s=seed: client.deploy(
-                                    s.deployment_id, docker_image="nginx:1.27", wait=True
-                                )
-                            )
+                        deploy = functools.partial(
+                            client.deploy, seed.deployment_id, docker_image="nginx:1.27", wait=True
                         )
+                        deploys.append(await _timed(deploy))
                         calls.append(
                             await _timed(
                                 lambda: client.next_version(
