@@ -115,3 +115,36 @@ def test_invalid_parameter_error_names_the_parameter_and_pickles():
 
     error = pickle.loads(pickle.dumps(InvalidParameterError("region", "must not be empty")))
     assert str(error) == "invalid parameter 'region': must not be empty"
+
+
+def test_scheduled_runs_of_a_cron_are_keyed_by_their_tick(monkeypatch) -> None:
+    """A cron flow's scheduled run (Prefect's scheduler key, ``scheduled <dep> <schedule>
+    <time>``) gets the call key of its tick (``scale-down-idle-<YYYY-MM-DDTHH:MM>``), so a
+    manual call with that idempotency key replays the tick's steps; other runs keep their own
+    idempotency key, and a run without one its id."""
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from prefect.context import FlowRunContext
+
+    from worker.kernel.steps import call_key, register_tick_key
+
+    register_tick_key("test_tick_cron", "tick-{tick:%Y-%m-%dT%H:%M}")
+    tick = datetime(2026, 12, 2, 5, 15, tzinfo=UTC)
+
+    def context(flow_name: str, idempotency_key: str | None) -> SimpleNamespace:
+        run = SimpleNamespace(
+            id=uuid.UUID(int=7), idempotency_key=idempotency_key, expected_start_time=tick
+        )
+        return SimpleNamespace(flow_run=run, flow=SimpleNamespace(name=flow_name))
+
+    cases = [
+        ("test_tick_cron", "scheduled d1 s1 2026-12-02 05:15:00+00:00", "tick-2026-12-02T05:15"),
+        ("test_tick_cron", "manual-key", "manual-key"),
+        ("another_flow", "scheduled d1 s1 2026-12-02 05:15:00+00:00", None),
+        ("test_tick_cron", None, str(uuid.UUID(int=7))),
+    ]
+    for flow_name, key, expected in cases:
+        current = context(flow_name, key)
+        monkeypatch.setattr(FlowRunContext, "get", classmethod(lambda cls, c=current: c))
+        assert call_key() == (expected if expected is not None else key)
