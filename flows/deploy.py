@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 from prefect import get_run_logger
 from prefect.context import FlowRunContext
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator
 
 from flows.deploy_changes import promote, rollback, scale_down_idle_preview_deployments
 from flows.params import Id, Params
@@ -76,13 +76,16 @@ class GitSource(Params):
 class DeployParams(Params):
     deployment_id: Id
     docker_image: Image | None = None
-    git: GitSource | None = None
+    # Validated also when absent, so "neither source" is reported as the 'git' parameter.
+    git: GitSource | None = Field(default=None, validate_default=True)
 
-    @model_validator(mode="after")
-    def _one_source(self) -> DeployParams:
-        if (self.docker_image is None) == (self.git is None):
+    @field_validator("git")
+    @classmethod
+    def _one_source(cls, git: GitSource | None, info: ValidationInfo) -> GitSource | None:
+        image = info.data.get("docker_image")
+        if (image is None) == (git is None) and "docker_image" in info.data:
             raise ValueError("exactly one of 'docker_image' or 'git' must be given")
-        return self
+        return git
 
 
 def _deploy_gave_up(parameters: dict[str, Any], reason: str) -> None:

@@ -16,7 +16,7 @@ import asyncio
 from typing import Any
 
 from prefect import get_run_logger
-from pydantic import model_validator
+from pydantic import ValidationInfo, field_validator
 
 from flows.deployment import change_desired_state_now, clear_scheduled_state_changes
 from flows.params import Id, Params
@@ -57,14 +57,15 @@ class RollbackParams(Params):
     source_deployment_id: Id
     target_deployment_id: Id
 
-    @model_validator(mode="after")
-    def _different(self) -> RollbackParams:
-        if self.source_deployment_id == self.target_deployment_id:
+    @field_validator("target_deployment_id")
+    @classmethod
+    def _different(cls, target: str, info: ValidationInfo) -> str:
+        if info.data.get("source_deployment_id") == target:
             raise ValueError(
-                f"'source_deployment_id' and 'target_deployment_id' are both "
-                f"'{self.source_deployment_id}': a rollback needs two deployments"
+                f"'source_deployment_id' and 'target_deployment_id' are both '{target}': "
+                "a rollback needs two deployments"
             )
-        return self
+        return target
 
 
 async def _move_routes(project_id: str, deployment_id: str, route_ids: list[str]) -> None:

@@ -53,6 +53,11 @@ R = TypeVar("R")
 M = TypeVar("M", bound=BaseModel)
 
 
+def _message(error: Any) -> str:
+    # A validator's own ValueError reads "Value error, <its message>": keep the message.
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
 def parse(model: type[M], **values: Any) -> M:
     """Validate a call's parameters; any problem is an ``InvalidParameterError`` naming them.
 
@@ -65,10 +70,10 @@ def parse(model: type[M], **values: Any) -> M:
         problems = exc.errors(include_input=False, include_url=False)
         first = problems[0]
         name = ".".join(str(part) for part in first["loc"]) or "parameters"
-        text = first["msg"]
+        text = _message(first)
         if len(problems) > 1:
             others = "; ".join(
-                f"'{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in problems[1:]
+                f"'{'.'.join(str(p) for p in err['loc'])}': {_message(err)}" for err in problems[1:]
             )
             text = f"{text} (also {others})"
         raise InvalidParameterError(name, text) from None
