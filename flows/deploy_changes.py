@@ -22,7 +22,7 @@ from flows.deployment import change_desired_state_now, clear_scheduled_state_cha
 from flows.params import Id, Params
 from flows.rollout import STANDBY_DELAY_MILLIS
 from flows.routing import assign_frontline_routes
-from tasks.clickhouse.idle import fetch_request_counts
+from tasks.clickhouse.requests import fetch_request_counts
 from tasks.db.deploys import (
     DeploymentRow,
     find_deployment_project,

@@ -19,8 +19,10 @@ from typing import TypedDict
 
 from prefect import get_run_logger
 
+from blocks.clickhouse import analytics_client
 from tasks.build.cli import BuildResult, build_request, run_build
 from tasks.build.depot import ensure_depot_project, store_depot_project_id
+from tasks.clickhouse.builds import record_build_logs, record_build_steps
 from tasks.github import installation_token
 from worker.kernel.steps import step
 from worker.settings import worker_settings
@@ -64,9 +66,7 @@ def get_or_create_depot_project(project_id: str, existing: str | None) -> str | 
 
 
 def _record_in_clickhouse(spec: GitSpec, result: BuildResult, lines: list[str]) -> None:
-    from blocks.clickhouse import analytics_client
 
-    from tasks.clickhouse.builds import record_build_logs, record_build_steps
 
     client = analytics_client()
     if client is None:
