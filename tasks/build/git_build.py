@@ -67,7 +67,6 @@ def get_or_create_depot_project(project_id: str, existing: str | None) -> str | 
 
 def _record_in_clickhouse(spec: GitSpec, result: BuildResult, lines: list[str]) -> None:
 
-
     client = analytics_client()
     if client is None:
         return
