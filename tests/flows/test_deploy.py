@@ -10,6 +10,7 @@ seeds its own workspace, project and environment in fresh regions and removes th
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,9 +18,12 @@ from typing import Any
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
     DeploymentFilter,
     DeploymentFilterName,
     FlowRunFilter,
+    FlowRunFilterName,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
@@ -83,6 +87,39 @@ async def _scheduled_standby_runs(previous: str) -> list[Any]:
         if run.parameters.get("deployment_id") == previous
         and run.parameters.get("state") == "standby"
     ]
+
+
+async def _run_and_artifacts(deployment_id: str) -> tuple[list[Any], list[Any]]:
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"deploy-{deployment_id}"]))
+        )
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run.id for run in runs])
+            )
+        )
+    return runs, artifacts
+
+
+def test_deploy_is_visible_in_the_ui(registered, seed: DeploySeed) -> None:
+    """A deploy's run is named after its deployment, its progress artifact ends at 100 %
+    (every phase done), and its table artifact lists region, version, instances, domain and
+    sticky for each region and domain."""
+    with deploy_settings(), running_dataplane(seed.url, seed.regions):
+        asyncio.run(deploy(deployment_id=seed.deployment_id, docker_image="nginx:1.27"))
+
+    runs, artifacts = asyncio.run(_run_and_artifacts(seed.deployment_id))
+
+    assert len(runs) == 1
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert len(progress) == 1 and float(progress[0].data) == 100.0  # type: ignore[arg-type]
+    tables = [a for a in artifacts if a.type == "table"]
+    assert len(tables) == 1
+    rows = tables[0].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert {row["region"] for row in rows} == set(seed.regions)
+    assert set(rows[0]) == {"region", "version", "instances", "domain", "sticky"}
 
 
 def test_image_deploy_to_two_regions_reaches_ready(registered, seed: DeploySeed) -> None:
