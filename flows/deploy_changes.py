@@ -7,18 +7,21 @@ environment routes through RoutingService and set the project's live deployment.
 rollback also sets the target's desired state to ``running``. The scale-down takes
 ``deploy:global``; its reads are one step per page of 100 preview environments (the original
 read deployments one environment at a time) and its standby changes go through
-DeploymentService's key per deployment.
+DeploymentService under the page's deployment keys, taken at once (one lease, all or none).
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from prefect import get_run_logger
 from pydantic import ValidationInfo, field_validator
 
-from flows.deployment import change_desired_state_now, clear_scheduled_state_changes
+from flows.deployment import (
+    change_desired_state_now,
+    change_desired_states_now,
+    clear_scheduled_state_changes,
+)
 from flows.params import Id, Params
 from flows.rollout import STANDBY_DELAY_MILLIS
 from flows.routing import assign_frontline_routes
@@ -46,7 +49,6 @@ from worker.settings import worker_settings
 __all__ = ["promote", "rollback", "scale_down_idle_preview_deployments"]
 
 IDLE_MILLIS = 6 * 3600 * 1000
-STANDBY_CONCURRENCY = 10
 
 
 class PromoteParams(Params):
@@ -162,22 +164,16 @@ def _cutoff() -> int:
     return now_ms() - IDLE_MILLIS
 
 
-async def _standby(deployment_ids: list[str]) -> list[str]:
-    """Standby through DeploymentService (its key per deployment), 10 at a time."""
-    gate = asyncio.Semaphore(STANDBY_CONCURRENCY)
+async def _standby(deployment_ids: list[str], page: int) -> list[str]:
+    """Standby through DeploymentService: its keys for the whole page at once."""
+    if not deployment_ids:
+        return []
+    outcomes = await change_desired_states_now(deployment_ids, "standby", f"after-{page}")
     log = get_run_logger()
-
-    async def one(deployment_id: str) -> str | None:
-        async with gate:
-            try:
-                outcome = await change_desired_state_now(deployment_id, "standby")
-            except RefusedError as refused:
-                log.warning("left %s running: %s", deployment_id, refused)
-                return None
-            return deployment_id if outcome == "applied" else None
-
-    done = await asyncio.gather(*(one(d) for d in deployment_ids))
-    return [d for d in done if d is not None]
+    for deployment_id, outcome in outcomes.items():
+        if outcome == "refused":
+            log.warning("left %s running: it is its project's live deployment", deployment_id)
+    return [d for d, outcome in outcomes.items() if outcome == "applied"]
 
 
 @service_flow(
@@ -198,7 +194,7 @@ async def scale_down_idle_preview_deployments() -> dict[str, Any]:
             counts = fetch_request_counts(after, candidates, cutoff)
             quiet = [c["id"] for c in candidates if counts.get(c["id"], 0) == 0]
             checked, idle = checked + len(candidates), idle + len(quiet)
-            scaled += await _standby(quiet)
+            scaled += await _standby(quiet, after)
             after = page[-1]["pk"]
     log.info(
         "checked %d preview deployment(s): %d idle, %d scaled down", checked, idle, len(scaled)

@@ -31,6 +31,7 @@ from tasks.db.transitions import (
     SUPERSEDED,
     apply_desired_state,
     apply_desired_state_now,
+    apply_desired_state_now_to_batch,
     clear_transition,
     find_deployment_regions,
     remember_scheduled_run,
@@ -40,11 +41,12 @@ from tasks.db.transitions import (
 from tasks.db.versions import take_version
 from tasks.ids import new_nonce
 from tasks.prefect_calls import cancel_scheduled_run, send_call
-from worker.kernel.service import critical_section, parse, service_flow
+from worker.kernel.service import critical_section, critical_sections, parse, service_flow
 
 __all__ = [
     "change_desired_state",
     "change_desired_state_now",
+    "change_desired_states_now",
     "clear_scheduled_state_changes",
     "schedule_desired_state_change",
 ]
@@ -59,6 +61,7 @@ _ALIASES = {
 TOPOLOGY_STATUS = {"running": "started", "standby": "stopped", "archived": "stopped"}
 
 MAX_DELAY_MILLIS = 90 * 24 * 3600 * 1000
+SUPERSEDED_BY_NOW = "superseded by an immediate change"
 
 
 def _state_alias(value: object) -> object:
@@ -163,7 +166,42 @@ async def change_desired_state_now(deployment_id: str, state: str) -> str:
             params.deployment_id, params.state, TOPOLOGY_STATUS[params.state]
         )
         if change["superseded_run"]:
-            await cancel_scheduled_run(
-                change["superseded_run"], "superseded by an immediate change"
-            )
+            await cancel_scheduled_run(change["superseded_run"], SUPERSEDED_BY_NOW)
         return change["outcome"]
+
+
+class BatchParams(Params):
+    deployment_ids: Annotated[list[Id], Field(min_length=1, max_length=1000)]
+    state: State
+
+
+async def change_desired_states_now(
+    deployment_ids: list[str], state: str, batch: str
+) -> dict[str, str]:
+    """``change_desired_state_now`` for many deployments at once, from inside another call.
+
+    Takes every ``deployment:{id}`` key at once (all or none, one lease) and applies the
+    change to each in its own transaction: one key acquisition and one step for the batch
+    instead of one per deployment.
+
+    Args:
+        deployment_ids: the deployments (at most 1000).
+        state: ``running``, ``standby`` or ``archived``.
+        batch: names the batch within the calling call (its steps' key).
+
+    Returns:
+        Each deployment's outcome: ``applied``, ``deleted`` or ``refused`` (the live one).
+
+    Raises:
+        InvalidParameterError: a bad id or state.
+    """
+    params = parse(BatchParams, deployment_ids=deployment_ids, state=state)
+    ids = list(dict.fromkeys(params.deployment_ids))
+    async with critical_sections([_key(d) for d in ids]):
+        changes = apply_desired_state_now_to_batch(
+            batch, ids, params.state, TOPOLOGY_STATUS[params.state]
+        )
+        for change in changes.values():
+            if change["superseded_run"]:
+                await cancel_scheduled_run(change["superseded_run"], SUPERSEDED_BY_NOW)
+    return {deployment_id: change["outcome"] for deployment_id, change in changes.items()}

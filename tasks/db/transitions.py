@@ -24,11 +24,13 @@ from worker.kernel.steps import step
 __all__ = [
     "APPLIED",
     "DELETED",
+    "REFUSED",
     "SUPERSEDED",
     "ImmediateChange",
     "Transition",
     "apply_desired_state",
     "apply_desired_state_now",
+    "apply_desired_state_now_to_batch",
     "clear_transition",
     "find_deployment_regions",
     "remember_scheduled_run",
@@ -109,7 +111,7 @@ def clear_transition(deployment_id: str, nonce: str | None = None) -> str | None
         return row.scheduled_flow_run_id
 
 
-APPLIED, SUPERSEDED, DELETED = "applied", "superseded", "deleted"
+APPLIED, SUPERSEDED, DELETED, REFUSED = "applied", "superseded", "deleted", "refused"
 
 
 def _write_desired_state(connection: Connection, deployment_id: str, desired_state: str) -> str:
@@ -177,6 +179,32 @@ class ImmediateChange(TypedDict):
     superseded_run: str | None
 
 
+def _apply_now(
+    connection: Connection, deployment_id: str, desired_state: str, topology_status: str
+) -> ImmediateChange:
+    pending: Row[Any] | None = connection.execute(
+        _row(deployment_id, lock=is_mysql(connection))
+    ).first()
+    superseded = pending.scheduled_flow_run_id if pending is not None else None
+    outcome = _write_desired_state(connection, deployment_id, desired_state)
+    if pending is not None:
+        connection.execute(
+            delete(deployment_transitions).where(
+                deployment_transitions.c.deployment_id == deployment_id
+            )
+        )
+    if outcome == APPLIED:
+        regions = connection.execute(
+            select(deployment_topology.c.region)
+            .where(deployment_topology.c.deployment_id == deployment_id)
+            .order_by(deployment_topology.c.region)
+        ).scalars()
+        for region in list(regions):
+            version = increment_region_version(connection, region)
+            _write_topology_status(connection, deployment_id, region, topology_status, version)
+    return ImmediateChange(outcome=outcome, superseded_run=superseded)
+
+
 @step(
     name="applying desired state now",
     key=("deployment_id", "desired_state"),
@@ -199,27 +227,36 @@ def apply_desired_state_now(
         RefusedError: the deployment is its project's live deployment (nothing written).
     """
     with control_plane_transaction() as connection:
-        pending: Row[Any] | None = connection.execute(
-            _row(deployment_id, lock=is_mysql(connection))
-        ).first()
-        superseded = pending.scheduled_flow_run_id if pending is not None else None
-        outcome = _write_desired_state(connection, deployment_id, desired_state)
-        if pending is not None:
-            connection.execute(
-                delete(deployment_transitions).where(
-                    deployment_transitions.c.deployment_id == deployment_id
+        return _apply_now(connection, deployment_id, desired_state, topology_status)
+
+
+@step(
+    name="applying desired state now to a batch",
+    key=("batch", "desired_state"),
+    run_name="applying desired state {desired_state} to batch {batch}",
+)
+def apply_desired_state_now_to_batch(
+    batch: str, deployment_ids: list[str], desired_state: str, topology_status: str
+) -> dict[str, ImmediateChange]:
+    """``apply_desired_state_now`` for many deployments, each in its own transaction.
+
+    A deployment the change is refused for (the live one) gets the outcome ``refused`` and
+    nothing written; the others change. A re-run after a crash applies the change again to
+    deployments that already have it (the same state, newer versions): harmless.
+
+    Returns:
+        Each deployment's ``ImmediateChange`` (``outcome``: applied, deleted or refused).
+    """
+    changes: dict[str, ImmediateChange] = {}
+    for deployment_id in deployment_ids:
+        try:
+            with control_plane_transaction() as connection:
+                changes[deployment_id] = _apply_now(
+                    connection, deployment_id, desired_state, topology_status
                 )
-            )
-        if outcome == APPLIED:
-            regions = connection.execute(
-                select(deployment_topology.c.region)
-                .where(deployment_topology.c.deployment_id == deployment_id)
-                .order_by(deployment_topology.c.region)
-            ).scalars()
-            for region in list(regions):
-                version = increment_region_version(connection, region)
-                _write_topology_status(connection, deployment_id, region, topology_status, version)
-    return ImmediateChange(outcome=outcome, superseded_run=superseded)
+        except RefusedError:
+            changes[deployment_id] = ImmediateChange(outcome=REFUSED, superseded_run=None)
+    return changes
 
 
 @step

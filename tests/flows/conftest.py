@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.worker_process import WorkerProcess
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _flush_prefect_events_and_logs() -> Iterator[None]:
@@ -21,3 +23,15 @@ def _flush_prefect_events_and_logs() -> Iterator[None]:
 
     for service in (APILogWorker, EventsWorker):
         service.drain_all(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(prefect_api, control_db, tmp_path_factory) -> Iterator[WorkerProcess]:
+    """The real worker for this module: it registers the catalogue's deployments (so calls a
+    flow sends find theirs) and serves them."""
+    log = tmp_path_factory.mktemp("flows-worker") / "worker.log"
+    worker = WorkerProcess(prefect_api.url, control_db, prefect_api.state_dir, log).start()
+    try:
+        yield worker
+    finally:
+        worker.stop()

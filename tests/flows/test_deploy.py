@@ -46,21 +46,9 @@ from tests.support.deploy_seed import (
     set_project,
     topologies_of,
 )
-from tests.support.worker_process import WorkerProcess
 from worker.kernel.errors import InvalidParameterError, TerminalError
 
 pytestmark = pytest.mark.mysql
-
-
-@pytest.fixture(scope="module")
-def registered(prefect_api, control_db, tmp_path_factory) -> Iterator[WorkerProcess]:
-    """A real worker: it registers the catalogue's deployments (and serves them)."""
-    log = tmp_path_factory.mktemp("deploy-worker") / "worker.log"
-    worker = WorkerProcess(prefect_api.url, control_db, prefect_api.state_dir, log).start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
 
 
 @pytest.fixture
@@ -102,7 +90,7 @@ async def _run_and_artifacts(deployment_id: str) -> tuple[list[Any], list[Any]]:
     return runs, artifacts
 
 
-def test_deploy_is_visible_in_the_ui(registered, seed: DeploySeed) -> None:
+def test_deploy_is_visible_in_the_ui(served, seed: DeploySeed) -> None:
     """A deploy's run is named after its deployment, its progress artifact ends at 100 %
     (every phase done), and its table artifact lists region, version, instances, domain and
     sticky for each region and domain."""
@@ -122,7 +110,7 @@ def test_deploy_is_visible_in_the_ui(registered, seed: DeploySeed) -> None:
     assert set(rows[0]) == {"region", "version", "instances", "domain", "sticky"}
 
 
-def test_image_deploy_to_two_regions_reaches_ready(registered, seed: DeploySeed) -> None:
+def test_image_deploy_to_two_regions_reaches_ready(served, seed: DeploySeed) -> None:
     """An image deploy to two regions: `ready`; one topology row per region with distinct
     increasing versions; one sentinel per region (3 replicas in production); two Cilium policies
     per region; the original's exact FQDNs; every route on the deployment; the project's live
@@ -170,9 +158,7 @@ def test_image_deploy_to_two_regions_reaches_ready(registered, seed: DeploySeed)
     assert before + timedelta(minutes=29) < due < datetime.now(UTC) + timedelta(minutes=31)
 
 
-def test_wait_timeout_leaves_the_deployment_failed_with_a_message(
-    registered, seed: DeploySeed
-) -> None:
+def test_wait_timeout_leaves_the_deployment_failed_with_a_message(served, seed: DeploySeed) -> None:
     """A data plane that never reports instances does not hang the deploy: at the wait's
     timeout the call fails (terminal) and the give-up hook leaves the deployment `failed`
     with a message naming the region."""

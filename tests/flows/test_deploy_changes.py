@@ -4,7 +4,7 @@
 Flows run in-process against the session's MariaDB and Prefect server. Each test seeds its own
 workspace, project and production environment (fresh regions), with an ``environment``-sticky
 and a ``live``-sticky route on the old live deployment, and removes everything after. A real
-worker (module scope) has registered the catalogue: promote *sends* the old live deployment's
+worker (module scope) has served the catalogue: promote *sends* the old live deployment's
 standby schedule as a run of its own, which that worker executes.
 """
 
@@ -42,7 +42,6 @@ from tests.support.deploy_seed import (
     set_project,
 )
 from tests.support.seed import desired_state, insert_transition, new_id, transition
-from tests.support.worker_process import WorkerProcess
 from worker.kernel.errors import (
     ConflictError,
     InvalidParameterError,
@@ -52,17 +51,6 @@ from worker.kernel.errors import (
 )
 
 pytestmark = pytest.mark.mysql
-
-
-@pytest.fixture(scope="module")
-def registered(prefect_api, control_db, tmp_path_factory) -> Iterator[WorkerProcess]:
-    """A real worker: it registers the catalogue's deployments (and serves them)."""
-    log = tmp_path_factory.mktemp("deploy-changes-worker") / "worker.log"
-    worker = WorkerProcess(prefect_api.url, control_db, prefect_api.state_dir, log).start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
 
 
 @dataclass
@@ -145,7 +133,7 @@ async def _runs_of(flow_name: str, deployment_id: str) -> list[FlowRun]:
     return [run for run in runs if run.parameters.get("deployment_id") == deployment_id]
 
 
-def test_promote_moves_live_routes_and_schedules_old_live_standby(registered, scene) -> None:
+def test_promote_moves_live_routes_and_schedules_old_live_standby(served, scene) -> None:
     """Promote (§2.2): the environment and live routes move to the target (a branch route
     stays), the project's live deployment is the target and not rolled back, the target's
     pending transition is cleared, and the old live deployment's standby is *sent* as a

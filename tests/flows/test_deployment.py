@@ -50,7 +50,6 @@ from tests.support.seed import (
     topology,
     transition,
 )
-from tests.support.worker_process import WorkerProcess
 from worker.kernel.errors import InvalidParameterError, RefusedError
 from worker.kernel.locks import ensure_key_limit
 
@@ -58,17 +57,6 @@ CHANGE_DEPLOYMENT = "change_desired_state/ctrl"
 TOPOLOGY_STATUS = {"running": "started", "standby": "stopped", "archived": "stopped"}
 LONG_DELAY_MILLIS = 10 * 60 * 1000  # far beyond the worker's 10 s prefetch: stays Scheduled
 UNFINISHED = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING}
-
-
-@pytest.fixture(scope="module")
-def served(prefect_api, control_db, tmp_path_factory) -> Iterator[WorkerProcess]:
-    """The real worker, serving ``change_desired_state/ctrl`` (and the whole catalogue)."""
-    log = tmp_path_factory.mktemp("deployment-worker") / "worker.log"
-    worker = WorkerProcess(prefect_api.url, control_db, prefect_api.state_dir, log).start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
 
 
 @dataclass

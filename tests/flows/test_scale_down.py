@@ -11,19 +11,22 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from pydantic import SecretStr
 
-from blocks.clickhouse import ClickHouseClient, analytics_client, close_cached_clients
+from blocks.clickhouse import ClickHouseClient
 from flows.deploy import scale_down_idle_preview_deployments
-from tasks.clickhouse.schema import SENTINEL_REQUESTS, ensure_analytics_tables
+from tasks.clickhouse.schema import SENTINEL_REQUESTS
 from tasks.db.engine import engine_for
 from tasks.db.schema import deployments, environments, projects, workspaces
-from tests.flows.deploy_support import deploy_settings
-from tests.support.deploy_seed import DeploySeed, add_deployment, cleanup_deploy, seed_deploy
+from tests.support.deploy_seed import (
+    DeploySeed,
+    add_deployment,
+    cleanup_deploy,
+    seed_deploy,
+    set_project,
+)
 from worker.kernel.clock import now_ms
 
 pytestmark = pytest.mark.mysql
@@ -32,15 +35,9 @@ HOUR_MS = 3_600_000
 
 
 @pytest.fixture
-def clickhouse(control_db, tmp_path: Path) -> Iterator[ClickHouseClient]:
-    """The analytics ClickHouse (chdb) installed with the control DB's settings."""
-    url = SecretStr(f"chdb://{tmp_path / 'analytics'}")
-    with deploy_settings(clickhouse_url=url):
-        client = analytics_client()
-        assert client is not None
-        ensure_analytics_tables(client)
-        yield client
-        close_cached_clients()
+def clickhouse(control_db, chdb_analytics: ClickHouseClient) -> ClickHouseClient:
+    """The analytics ClickHouse (chdb), installed with the control DB's settings."""
+    return chdb_analytics
 
 
 @pytest.fixture
@@ -267,3 +264,17 @@ def test_two_thousand_preview_environments_are_paginated_and_all_scaled_down(
                 (workspaces, workspaces.c.id == workspace),
             ):
                 connection.execute(sa.delete(table).where(column))
+
+
+def test_live_idle_preview_deployment_is_left_running(control_db, clickhouse, seeds) -> None:
+    """DeploymentService refuses to change a project's live deployment: an idle preview
+    deployment that is live stays running, and the rest of its page is still scaled down."""
+    live_seed = _environment(control_db, seeds)
+    live = _deployment(live_seed)
+    set_project(control_db, live_seed.project_id, live_deployment_id=live)
+    other = _deployment(_environment(control_db, seeds))
+
+    result = _sweep()
+
+    assert _states(control_db, [live, other]) == {live: "running", other: "standby"}
+    assert live not in result["scaled_down"]  # type: ignore[operator]

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -180,3 +181,26 @@ def s3_results_env(endpoint: str, bucket: str) -> dict[str, str]:
         "UNKEY_RESULTS_S3_ACCESS_KEY_ID": "test",
         "UNKEY_RESULTS_S3_SECRET_ACCESS_KEY": "test-secret-value",
     }
+
+
+@pytest.fixture
+def chdb_analytics(tmp_path: Path) -> Iterator[Any]:
+    """A real ClickHouse engine (chdb, in a temporary directory) with the analytics tables,
+    installed as this process's ``UNKEY_CLICKHOUSE_URL`` on top of the settings already
+    installed (the session's control DB, when a test uses it)."""
+    from pydantic import SecretStr
+
+    from blocks.clickhouse import analytics_client, close_cached_clients
+    from tasks.clickhouse.schema import ensure_analytics_tables
+    from tests.support.settings import installed_settings
+    from worker.settings import worker_settings
+
+    url = SecretStr(f"chdb://{tmp_path / 'analytics'}")
+    with installed_settings(worker_settings().model_copy(update={"clickhouse_url": url})):
+        client = analytics_client()
+        assert client is not None
+        ensure_analytics_tables(client)
+        try:
+            yield client
+        finally:
+            close_cached_clients()

@@ -10,13 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
-from blocks.clickhouse import ClickHouseClient, analytics_client, close_cached_clients
+from blocks.clickhouse import ClickHouseClient
 from tasks.build.progress import BuildStep
 from tasks.clickhouse.builds import record_build_logs, record_build_steps
 from tasks.clickhouse.requests import fetch_request_counts
@@ -38,15 +35,9 @@ HOUR_MS = 3_600_000
 
 
 @pytest.fixture
-def clickhouse(tmp_path: Path) -> Iterator[ClickHouseClient]:
+def clickhouse(chdb_analytics: ClickHouseClient) -> ClickHouseClient:
     """A chdb directory with the analytics tables, as this process's analytics ClickHouse."""
-    url = SecretStr(f"chdb://{tmp_path / 'analytics'}")
-    with installed_settings(Settings(_env_file=None, clickhouse_url=url)):
-        client = analytics_client()
-        assert client is not None
-        ensure_analytics_tables(client)
-        yield client
-        close_cached_clients()
+    return chdb_analytics
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ import contextvars
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +53,7 @@ __all__ = [
     "ensure_key_limit",
     "held_keys",
     "key_lock",
+    "key_locks",
     "lock_name",
     "release_held_keys",
 ]
@@ -81,13 +82,19 @@ class KeyLostError(RuntimeError):
 
 @dataclass
 class HeldKey:
-    """One key held by the current call."""
+    """One key (or, from ``key_locks``, several under one lease) held by the current call."""
 
     name: str
     limit_id: UUID
     lease_id: UUID
     released: bool = False
     renewer: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Every (limit name, limit id) of the lease; just (name, limit_id) for one key.
+    limits: tuple[tuple[str, UUID], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.limits:
+            self.limits = ((self.name, self.limit_id),)
 
     async def release(self) -> None:
         """Give the key back (idempotent) and tell waiters."""
@@ -103,7 +110,8 @@ class HeldKey:
                 if exc.response.status_code != 404:  # expired meanwhile: nothing to release
                     raise
         run_records.remove_lease(self.lease_id)
-        _announce(RELEASED_EVENT, self)
+        for name, limit_id in self.limits:
+            _announce(RELEASED_EVENT, name, limit_id)
 
 
 _HELD: contextvars.ContextVar[tuple[HeldKey, ...]] = contextvars.ContextVar(
@@ -165,15 +173,15 @@ def _holder() -> ConcurrencyLeaseHolder | None:
     return ConcurrencyLeaseHolder(type="flow_run", id=ctx.flow_run.id)
 
 
-def _announce(event: str, held: HeldKey) -> None:
+def _announce(event: str, name: str, limit_id: UUID) -> None:
     from prefect.events import emit_event
 
     with contextlib.suppress(Exception):  # an announcement is an optimisation, never a failure
         emit_event(
             event=event,
             resource={
-                "prefect.resource.id": f"prefect.concurrency-limit.{held.limit_id}",
-                "prefect.resource.name": held.name,
+                "prefect.resource.id": f"prefect.concurrency-limit.{limit_id}",
+                "prefect.resource.name": name,
                 "slots-acquired": "1",
                 "limit": "1",
             },
@@ -181,10 +189,10 @@ def _announce(event: str, held: HeldKey) -> None:
 
 
 class _ReleaseWatch:
-    """Release events of one limit, opened on the first refused attempt only."""
+    """Release events of the limits waited for, opened on the first refused attempt only."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
         self.heard = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -199,7 +207,7 @@ class _ReleaseWatch:
         filter = EventFilter(
             event=EventNameFilter(name=[RELEASED_EVENT]),
             resource=EventResourceFilter(
-                labels=ResourceSpecification({"prefect.resource.name": [self.name]})
+                labels=ResourceSpecification({"prefect.resource.name": list(self.names)})
             ),
         )
         await watch_events(filter, lambda _event: self.heard.set())
@@ -217,15 +225,20 @@ class _ReleaseWatch:
                 await self._task
 
 
-async def _acquire(name: str, lease_seconds: float) -> tuple[UUID, UUID]:
-    """Wait for the key; returns the lease id and the limit's id."""
-    watch = _ReleaseWatch(name)
+async def _acquire(names: list[str], lease_seconds: float) -> tuple[UUID, dict[str, UUID]]:
+    """Wait until every key is free and take them all at once (the server's increment is
+    all-or-nothing); returns the lease id and each limit's id.
+
+    Raises:
+        _LimitGone: some limits do not exist (nothing is held then).
+    """
+    watch = _ReleaseWatch(names)
     try:
         async with get_client() as client:
             while True:
                 try:
                     response = await client.increment_concurrency_slots_with_lease(
-                        names=[name],
+                        names=names,
                         slots=1,
                         mode="concurrency",
                         lease_duration=lease_seconds,
@@ -238,9 +251,17 @@ async def _acquire(name: str, lease_seconds: float) -> tuple[UUID, UUID]:
                     await watch.wait(min(retry_after, MAX_WAIT_BETWEEN_ATTEMPTS))
                     continue
                 body: dict[str, Any] = response.json()
-                if not body.get("limits"):
-                    raise _LimitGone(name)
-                return UUID(body["lease_id"]), UUID(body["limits"][0]["id"])
+                lease_id = UUID(body["lease_id"])
+                found = {
+                    str(limit["name"]): UUID(limit["id"]) for limit in body.get("limits") or []
+                }
+                missing = [name for name in names if name not in found]
+                if missing:
+                    # The server skips missing limits: give back what this lease did take.
+                    if found:
+                        await client.release_concurrency_slots_with_lease(lease_id)
+                    raise _LimitGone(missing)
+                return lease_id, found
     finally:
         await watch.close()
 
@@ -273,10 +294,41 @@ async def key_lock(key: str, *, lease_seconds: float = 60.0) -> AsyncIterator[He
     Raises:
         KeyLostError: the lease could not be renewed while the body ran.
     """
-    name = lock_name(key)
+    async with key_locks([key], lease_seconds=lease_seconds) as held:
+        yield held
+
+
+@asynccontextmanager
+async def key_locks(keys: Sequence[str], *, lease_seconds: float = 60.0) -> AsyncIterator[HeldKey]:
+    """Hold several per-key locks at once, under one lease, for the body of the block.
+
+    The server takes every key or none (one all-or-nothing increment), so a caller holding
+    some keys never waits for the others while blocking them: bulk work on many keys (the
+    idle-preview scale-down puts a page of deployments on standby) costs one acquisition,
+    not one per key. Each key still excludes every other holder of that key.
+
+    Args:
+        keys: the keys (duplicates are taken once).
+        lease_seconds: the lease, renewed while the block runs.
+
+    Yields:
+        The held keys (``HeldKey.limits`` names each).
+
+    Raises:
+        KeyLostError: the lease could not be renewed while the body ran.
+    """
+    names = sorted({lock_name(key) for key in keys})
+    if not names:
+        raise ValueError("key_locks needs at least one key")
+    if len(names) > 1:
+        # No local gates: a bulk caller queued on one key's gate would block this process's
+        # callers of its other keys while it waits; the server's increment is all-or-nothing.
+        async with _key_locks(names, lease_seconds) as held:
+            yield held
+        return
     # Callers in this process queue here first: only the head of the queue asks the server,
     # so 50 local waiters are one contender, not 50 (each woken by every release).
-    async with _local_gate(name), _key_lock(name, key, lease_seconds) as held:
+    async with _local_gate(names[0]), _key_locks(names, lease_seconds) as held:
         yield held
 
 
@@ -285,18 +337,34 @@ def _local_gate(name: str) -> asyncio.Lock:
     return gates.setdefault(name, asyncio.Lock())
 
 
+async def _create_limits(names: list[str]) -> None:
+    gate = asyncio.Semaphore(8)
+
+    async def create(name: str) -> None:
+        async with gate:
+            _limit_ids.pop(name, None)
+            await _create_limit(name)
+
+    await asyncio.gather(*(create(name) for name in names))
+
+
 @asynccontextmanager
-async def _key_lock(name: str, key: str, lease_seconds: float) -> AsyncIterator[HeldKey]:
+async def _key_locks(names: list[str], lease_seconds: float) -> AsyncIterator[HeldKey]:
     waited_from = time.monotonic()
     try:
-        # The limit usually exists already: ask for the key first, create it only if missing.
-        lease_id, limit_id = await _acquire(name, lease_seconds)
-    except _LimitGone:
-        _limit_ids.pop(name, None)
-        await _create_limit(name)
-        lease_id, limit_id = await _acquire(name, lease_seconds)
+        # The limits usually exist already: ask for the keys first, create missing ones after.
+        lease_id, limit_ids = await _acquire(names, lease_seconds)
+    except _LimitGone as gone:
+        await _create_limits(list(gone.args[0]))
+        lease_id, limit_ids = await _acquire(names, lease_seconds)
     metrics.LOCK_WAIT_SECONDS.observe(time.monotonic() - waited_from)
-    held = HeldKey(name=name, limit_id=limit_id, lease_id=lease_id)
+    label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more)"
+    held = HeldKey(
+        name=label,
+        limit_id=limit_ids[names[0]],
+        lease_id=lease_id,
+        limits=tuple((name, limit_ids[name]) for name in names),
+    )
     run_records.add_lease(lease_id)
     owner = asyncio.current_task()
     assert owner is not None
@@ -308,7 +376,7 @@ async def _key_lock(name: str, key: str, lease_seconds: float) -> AsyncIterator[
         yield held
     except asyncio.CancelledError:
         if held.renewer.done() and not held.released:
-            raise KeyLostError(f"lost the lease of key {name}") from None
+            raise KeyLostError(f"lost the lease of key {label}") from None
         raise
     finally:
         _HELD.reset(token)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
@@ -42,11 +42,11 @@ from worker.kernel.hooks import (
     GiveUpHook,
     register_give_up_hook,
 )
-from worker.kernel.locks import HeldKey, key_lock
+from worker.kernel.locks import HeldKey, key_lock, key_locks
 from worker.kernel.steps import register_tick_key, step
 from worker.settings import worker_settings
 
-__all__ = ["critical_section", "parse", "service_flow"]
+__all__ = ["critical_section", "critical_sections", "parse", "service_flow"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -194,4 +194,14 @@ async def critical_section(key: str) -> AsyncIterator[HeldKey]:
     after a resume or a durable sleep): use ``step(fresh=True)`` for them.
     """
     async with key_lock(key, lease_seconds=worker_settings().lock_lease_seconds) as held:
+        yield held
+
+
+@asynccontextmanager
+async def critical_sections(keys: Sequence[str]) -> AsyncIterator[HeldKey]:
+    """Hold several calls' per-key locks at once for the block (bulk work on many keys, e.g.
+    a page of deployments put on standby): all of them or none, one lease
+    (``worker.kernel.locks.key_locks``). Fresh reads inside follow the same rule as in
+    ``critical_section``."""
+    async with key_locks(keys, lease_seconds=worker_settings().lock_lease_seconds) as held:
         yield held
