@@ -118,8 +118,7 @@ def find_deployment_project(deployment_id: str) -> str:
         return _deployment(connection, deployment_id)["project_id"]
 
 
-@step(name="finding deployment", fresh=True)
-def find_deployment(deployment_id: str) -> DeploymentRow:
+def _read_deployment(deployment_id: str) -> DeploymentRow:
     """The deployment row.
 
     Raises:
@@ -129,26 +128,11 @@ def find_deployment(deployment_id: str) -> DeploymentRow:
         return _deployment(connection, deployment_id)
 
 
-@step(name="finding target deployment", fresh=True)
-def find_target_deployment(deployment_id: str) -> DeploymentRow:
-    """The deployment a promote or rollback moves traffic to.
-
-    Raises:
-        NotFoundError: there is no such deployment.
-    """
-    with control_plane_transaction() as connection:
-        return _deployment(connection, deployment_id)
-
-
-@step(name="finding source deployment", fresh=True)
-def find_source_deployment(deployment_id: str) -> DeploymentRow:
-    """The deployment a rollback moves traffic away from.
-
-    Raises:
-        NotFoundError: there is no such deployment.
-    """
-    with control_plane_transaction() as connection:
-        return _deployment(connection, deployment_id)
+# One read, three journal names: the deploy's own deployment, and a promote's or rollback's
+# target and source (each fresh: it guards what the call writes).
+find_deployment = step(name="finding deployment", fresh=True)(_read_deployment)
+find_target_deployment = step(name="finding target deployment", fresh=True)(_read_deployment)
+find_source_deployment = step(name="finding source deployment", fresh=True)(_read_deployment)
 
 
 @step(name="find workspace", fresh=True)
