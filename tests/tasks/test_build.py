@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-import worker.settings as settings_module
 from tasks.build import (
     BuildFailedError,
     BuildInterruptedError,
@@ -45,13 +44,6 @@ from worker.settings import Settings
 TOKEN = "ghs_buildTokenValue0123456789abcdef"
 DEPOT_TOKEN = "depot-secret-token-0123456789"
 SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture(autouse=True)
-def _settings_restored(monkeypatch) -> None:
-    """Tests install their own settings; the ones installed before (a session fixture's)
-    are back afterwards."""
-    monkeypatch.setattr(settings_module, "_current", settings_module._current)
 
 
 # -- naming ---------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import pytest
 import sqlalchemy as sa
 from werkzeug import Response
 
-import worker.settings as settings_module
 from tasks.build import ensure_depot_project, store_depot_project_id
 from tasks.db.engine import engine_for
 from tasks.db.schema import init_schema, projects
@@ -25,13 +24,6 @@ from worker.settings import Settings, use_settings
 DEPOT_TOKEN = "depot-secret-token-0123456789"
 LIST = "/depot.core.v1.ProjectService/ListProjects"
 CREATE = "/depot.core.v1.ProjectService/CreateProject"
-
-
-@pytest.fixture(autouse=True)
-def _settings_restored(monkeypatch) -> None:
-    """Tests install their own settings; the ones installed before (a session fixture's)
-    are back afterwards."""
-    monkeypatch.setattr(settings_module, "_current", settings_module._current)
 
 
 def configure_depot(httpserver) -> None:

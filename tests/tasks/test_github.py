@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-import worker.settings as settings_module
 from tasks import github
 from tasks.github import clear_token_cache, installation_token
 from worker.kernel.errors import (
@@ -61,13 +60,6 @@ def _fresh_cache() -> Iterator[None]:
     clear_token_cache()
     yield
     clear_token_cache()
-
-
-@pytest.fixture(autouse=True)
-def _settings_restored(monkeypatch) -> None:
-    """Tests install their own settings; the ones installed before (a session fixture's)
-    are back afterwards."""
-    monkeypatch.setattr(settings_module, "_current", settings_module._current)
 
 
 def configure(api_url: str, pem: str | None, **extra: Any) -> None:
