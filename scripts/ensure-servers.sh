@@ -4,7 +4,9 @@
 # Idempotent: run it as often as you like; it only does what is missing and says what it did.
 # Today that is MariaDB (the MySQL tests): installed from Debian's packages when absent (root
 # only), started when nothing answers, and given the test user that may create and drop the
-# `ctrl_test_*` databases.
+# `ctrl_test_*` databases; and pebble + pebble-challtestsrv (the certificate tests' ACME CA and
+# DNS server, installed from Debian's `pebble` package when absent, root only; the tests start
+# them themselves on free ports).
 #
 # Settings (environment):
 #   CTRL_MYSQL_PORT      TCP port of MariaDB on 127.0.0.1       (default 3306)
@@ -116,6 +118,18 @@ FLUSH PRIVILEGES;"
         fail "could not create user '$MYSQL_USER' as root through $MYSQL_SOCKET"
     user_works || fail "user '$MYSQL_USER' still cannot log in on 127.0.0.1:$MYSQL_PORT"
     say "created test user '$MYSQL_USER'@'127.0.0.1' and @'localhost' (ALL PRIVILEGES)"
+fi
+
+# -- pebble: installed (the tests start it) -----------------------------------------------------
+if command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1; then
+    say "pebble and pebble-challtestsrv are installed"
+else
+    is_root || fail "pebble or pebble-challtestsrv is not installed and we are not root: \
+install the pebble package (apt-get install pebble)"
+    say "pebble is not installed: installing pebble"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q pebble
+    say "installed pebble"
 fi
 
 say "ready: mysql+pymysql://$MYSQL_USER:***@127.0.0.1:$MYSQL_PORT"

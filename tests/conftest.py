@@ -60,7 +60,7 @@ def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'ctrl.db'}"
 
 
-pytest_plugins = ["tests.support.fixtures"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.acme_fixtures"]
 
 # The developer's own UNKEY_* variables (fixtures may set others later, e.g. UNKEY_STATE_DIR).
 _DEVELOPER_UNKEY = [name for name in os.environ if name.startswith("UNKEY_")]

@@ -1,4 +1,5 @@
-"""The ``ctrl-worker`` command line: run, check-config, db init, trigger, dataplane, seed-demo.
+"""The ``ctrl-worker`` command line: run, check-config, db init, trigger, dataplane, acme-responder,
+seed-demo.
 
 Imports stay lazy: Prefect reads its settings on import, so the API URL must be in the
 environment first, and ``check-config`` should answer without importing Prefect at all.
@@ -55,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "dataplane",
         help="run the local data plane (a simulation of krane, not for production) until SIGTERM",
+    )
+    commands.add_parser(
+        "acme-responder",
+        help="serve ACME HTTP-01 challenges from the control-plane database until SIGTERM",
     )
     commands.add_parser(
         "seed-demo", help="write a demo workspace, project, environment and pending deployment"
@@ -236,6 +241,19 @@ def _dataplane() -> int:
     return EXIT_OK
 
 
+def _acme_responder() -> int:
+    from worker.acme_responder import run_acme_responder
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    url = settings.database_url()
+    _require_tables(url)
+    address = f"{settings.acme_http01_host}:{settings.acme_http01_port}"
+    print(f"acme-responder on http://{address}; database {_masked(url)}", flush=True)
+    run_acme_responder(settings)
+    return EXIT_OK
+
+
 def _seed_demo() -> int:
     from tasks.db.demo import seed_demo
     from worker.settings import load_settings
@@ -267,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             return _trigger(args)
         if args.command == "dataplane":
             return _dataplane()
+        if args.command == "acme-responder":
+            return _acme_responder()
         if args.command == "seed-demo":
             return _seed_demo()
         from worker.runtime import run_worker

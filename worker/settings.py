@@ -10,6 +10,7 @@ of a secret: ``collect_problems()`` is what ``ctrl-worker check-config`` prints,
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -29,11 +30,16 @@ __all__ = [
     "collect_problems",
     "env_name",
     "load_settings",
+    "nameserver_address",
     "use_settings",
     "worker_settings",
 ]
 
 ENV_PREFIX = "UNKEY_"
+
+_HOST_NAME = re.compile(
+    r"(?i)(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
 
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 
@@ -102,6 +108,8 @@ class Settings(BaseSettings):
     acme_directory_url: str = LETS_ENCRYPT_PRODUCTION
     acme_ca_bundle: Path | None = None
     acme_email_domain: str = "unkey.com"
+    acme_http01_host: str = "0.0.0.0"
+    acme_http01_port: int = Field(default=5002, ge=1, le=65535)
     acme_route53_enabled: bool = False
     acme_route53_access_key_id: str | None = None
     acme_route53_secret_access_key: SecretStr | None = None
@@ -114,6 +122,8 @@ class Settings(BaseSettings):
     regional_apex_domain: str | None = None
     available_regions: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["local.dev"])
     cname_domain: str | None = None
+    # Custom-domain checks and DNS-01 propagation checks; empty = the system resolver.
+    dns_nameservers: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # -- builds ----------------------------------------------------------------------------
     build_backend: Literal["docker", "depot"] = "docker"
@@ -166,6 +176,11 @@ class Settings(BaseSettings):
     @field_validator("available_regions", mode="before")
     @classmethod
     def _regions_from_csv(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("dns_nameservers", mode="before")
+    @classmethod
+    def _nameservers_from_csv(cls, value: Any) -> Any:
         return _split_list(value)
 
     # -- derived -----------------------------------------------------------------------------
@@ -253,6 +268,11 @@ class Settings(BaseSettings):
                     f"{env_name('available_regions')}: region '{region}' must be 1-64 "
                     "characters without '/'"
                 )
+        for entry in self.dns_nameservers:
+            try:
+                nameserver_address(entry)
+            except ValueError as exc:
+                found.append(f"{env_name('dns_nameservers')}: '{entry}' {exc}")
         if self.results_s3_bucket and self.results_path is not None:
             found.append(
                 f"{env_name('results_path')} and {env_name('results_s3_bucket')} are "
@@ -266,6 +286,38 @@ class Settings(BaseSettings):
         if self.http_port and self.http_port == self.prometheus_port:
             found.append(f"{env_name('prometheus_port')} must differ from {env_name('http_port')}")
         return found
+
+
+def nameserver_address(entry: str) -> tuple[str, int]:
+    """Parse one ``UNKEY_DNS_NAMESERVERS`` entry: ``host``, ``host:port`` or ``[ipv6]:port``.
+
+    Args:
+        entry: the entry as configured.
+
+    Returns:
+        The host (an IP address or a host name) and the port (53 when none is given).
+
+    Raises:
+        ValueError: the entry is not a host with an optional port 1-65535 (the message says
+            what is wanted, without the entry).
+    """
+    text = entry.strip()
+    host, port = text, "53"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError("must be host, host:port or [ipv6]:port")
+        port = rest[1:] if rest else "53"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            raise ValueError("must be host, host:port or [ipv6]:port") from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("has a port that is not 1-65535")
+    return host, int(port)
 
 
 def _secret_set(value: SecretStr | None) -> bool:

@@ -2,8 +2,9 @@
 
 The one helper behind the tests' worker processes (``tests.support.worker_process``,
 ``tests/test_end_to_end.py``) and the benchmarks' served workers (``bench.common``): the
-command's output goes to a log file, "ready" means an HTTP URL answers 200, and a failure to
-get there says why with the log's tail.
+command's output goes to a log file, "ready" means an HTTP URL answers 200 (or, for a server
+whose readiness is not a plain GET, a callable returns True), and a failure to get there says
+why with the log's tail.
 
 Only the standard library and httpx: importable before Prefect (the benchmarks set Prefect's
 environment first).
@@ -16,7 +17,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,10 @@ __all__ = ["ProcessNotReady", "ReadyProcess"]
 
 class ProcessNotReady(RuntimeError):
     """The process exited, or its ready URL did not answer 200 in time (message: the log tail)."""
+
+
+def _answers_200(url: str) -> bool:
+    return httpx.get(url, timeout=1.0).status_code == 200
 
 
 class ReadyProcess:
@@ -94,14 +99,21 @@ class ReadyProcess:
         return self.process
 
     def start(
-        self, ready_url: str, timeout: float = 90.0, poll_seconds: float = 0.2
+        self,
+        ready_url: str | None = None,
+        timeout: float = 90.0,
+        poll_seconds: float = 0.2,
+        *,
+        ready: Callable[[], bool] | None = None,
     ) -> ReadyProcess:
-        """Start the process and wait until ``ready_url`` answers 200.
+        """Start the process and wait until ``ready_url`` answers 200 (or ``ready()`` is True).
 
         Args:
             ready_url: the URL polled with GET (1 s timeout per attempt).
             timeout: seconds to wait for the 200.
             poll_seconds: the pause between attempts.
+            ready: instead of ``ready_url``, a check called once per attempt (it should time
+                out by itself within about a second); an ``httpx.HTTPError`` counts as False.
 
         Returns:
             ``self``, ready.
@@ -110,7 +122,11 @@ class ReadyProcess:
             ProcessNotReady: the process exited first, or the timeout passed (the process group
                 is then killed); the message ends with the log's tail.
             RuntimeError: it was already started.
+            ValueError: not exactly one of ``ready_url`` and ``ready`` was given.
         """
+        if (ready_url is None) == (ready is None):
+            raise ValueError("give exactly one of ready_url and ready")
+        check = ready if ready is not None else (lambda: _answers_200(str(ready_url)))
         process = self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -120,7 +136,7 @@ class ReadyProcess:
                     f"{self.name} exited with {process.returncode}:\n{self.tail()}"
                 )
             try:
-                if httpx.get(ready_url, timeout=1.0).status_code == 200:
+                if check():
                     return self
             except httpx.HTTPError:
                 pass
