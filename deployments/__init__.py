@@ -83,6 +83,7 @@ CATALOGUE: tuple[DeploymentSpec, ...] = (
     DeploymentSpec("flows/deploy.py:promote"),
     DeploymentSpec("flows/deploy.py:rollback"),
     DeploymentSpec("flows/deploy.py:scale_down_idle_preview_deployments", cron="*/15 * * * *"),
+    DeploymentSpec("flows/certificate.py:process_challenge"),
 )
 
 

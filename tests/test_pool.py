@@ -111,6 +111,7 @@ CALLS = {
     "promote": {"target_deployment_id": "d_nowhere"},
     "rollback": {"source_deployment_id": "d_nowhere", "target_deployment_id": "d_elsewhere"},
     "scale_down_idle_preview_deployments": {},
+    "process_challenge": {"workspace_id": "ws_nowhere", "domain": "nowhere.example.test"},
 }
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "deploy",
     "get_version",
     "next_version",
+    "process_challenge",
     "promote",
     "rollback",
     "scale_down_idle_preview_deployments",
@@ -391,6 +392,25 @@ async def scale_down_idle_preview_deployments(
     return await trigger(
         "scale_down_idle_preview_deployments",
         {},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def process_challenge(
+    workspace_id: str,
+    domain: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """CertificateService.ProcessChallenge: obtain or renew the domain's certificate; with
+    ``wait``, ``{"certificate_id", "status": "success"}``."""
+    return await trigger(
+        "process_challenge",
+        {"workspace_id": workspace_id, "domain": domain},
         idempotency_key=idempotency_key,
         wait=wait,
         scheduled_time=scheduled_time,

@@ -3,8 +3,8 @@
 The original tables (reference appendix) keep their names, columns, types, nullability, defaults
 and unique constraints, so the worker can run against an existing Unkey database. The worker's
 own tables (`region_versions`, `deployment_transitions`, `deployment_failures`,
-`quota_notifications`, `key_refill_progress`) hold state the original kept in Restate (and, for
-`deployment_failures`, the reason a deploy failed).
+`acme_challenge_failures`, `quota_notifications`, `key_refill_progress`) hold state the original
+kept in Restate (and, for the two `*_failures` tables, the reason a call failed).
 
 One definition serves MariaDB/MySQL (PyMySQL) and SQLite: MySQL-only types (`bigint unsigned`,
 `longblob`, `datetime(3)`, `tinyint`) are variants of portable ones, enums are native `ENUM` on
@@ -48,6 +48,7 @@ __all__ = [
     "CHALLENGE_TYPES",
     "DESIRED_STATES",
     "SHUTDOWN_SIGNALS",
+    "acme_challenge_failures",
     "acme_challenges",
     "acme_users",
     "audit_log",
@@ -589,6 +590,17 @@ deployment_failures = Table(
     _req("deployment_id", String(128), primary_key=True),
     _req("message", String(1024)),
     _opt("flow_run_id", String(64)),
+    _req("failed_at", BigInteger),
+    **_MYSQL_TABLE,
+)
+
+# CertificateService: why a domain's challenge ended `failed` (acme_challenges has no message
+# column), so an operator sees the CA's detail next to the status the give-up hook wrote.
+acme_challenge_failures = Table(
+    "acme_challenge_failures",
+    metadata,
+    _req("domain_id", String(255), primary_key=True),
+    _req("message", String(1024)),
     _req("failed_at", BigInteger),
     **_MYSQL_TABLE,
 )

@@ -50,6 +50,7 @@ APPENDIX_TABLES = {
     "workspaces",
 }
 WORKER_TABLES = {
+    "acme_challenge_failures",
     "deployment_failures",
     "deployment_transitions",
     "key_refill_progress",
