@@ -152,7 +152,7 @@ async def rollback(source_deployment_id: str, target_deployment_id: str) -> dict
                 f"to roll back to deployment '{target_id}'"
             )
         await call_subflow(clear_scheduled_state_changes, "clear-target", deployment_id=target_id)
-        await change_desired_state_now(target_id, "running")
+        await change_desired_state_now(target_id, "running", "rollback-target")
         await _move_routes(project_id, target_id, routes)
         update_project_live(project_id, target_id, True)
     return {"live_deployment_id": target_id, "rolled_back_from": source_id, "routes": len(routes)}

@@ -9,11 +9,13 @@ if it already started it changes nothing because its nonce no longer matches.
 the write's own transaction, so a call resumed after a clear applies nothing): it writes
 ``deployments.desired_state`` and every region's topology status, each with a new version.
 ``clear_scheduled_state_changes`` drops the pending transition and cancels its run.
-``change_desired_state_now`` is the same change without a delay for callers inside another
-call (rollback, the idle-preview scale-down): under the deployment's key, one transaction drops
-any pending transition (the immediate change is the newest writer) and applies the change.
+``change_desired_states_now`` (and ``change_desired_state_now`` for one) is the same change
+without a delay for callers inside another call (rollback, the idle-preview scale-down): under
+the deployments' keys (taken at once), one transaction per deployment drops any pending
+transition (the immediate change is the newest writer) and applies the change.
 Side-effect steps: ``set_transition``, ``send_call``, ``cancel_scheduled_run``,
-``apply_desired_state``, ``take_version``, ``update_topology_status``, ``clear_transition``.
+``apply_desired_state``, ``take_version``, ``update_topology_status``, ``clear_transition``,
+``applying desired state now to a batch``.
 Failure: an unknown state or bad id is terminal before anything is written; changing the
 project's live deployment is refused (terminal, the transition stays); a deployment deleted
 in the meantime makes the change a no-op.
@@ -28,9 +30,9 @@ from pydantic import BeforeValidator, Field
 from flows.params import Id, Params
 from tasks.db.transitions import (
     DELETED,
+    REFUSED,
     SUPERSEDED,
     apply_desired_state,
-    apply_desired_state_now,
     apply_desired_state_now_to_batch,
     clear_transition,
     find_deployment_regions,
@@ -41,6 +43,7 @@ from tasks.db.transitions import (
 from tasks.db.versions import take_version
 from tasks.ids import new_nonce
 from tasks.prefect_calls import cancel_scheduled_run, send_call
+from worker.kernel.errors import RefusedError
 from worker.kernel.service import critical_section, critical_sections, parse, service_flow
 
 __all__ = [
@@ -143,33 +146,6 @@ async def clear_scheduled_state_changes(deployment_id: str) -> None:
             await cancel_scheduled_run(scheduled, "scheduled state changes cleared")
 
 
-async def change_desired_state_now(deployment_id: str, state: str) -> str:
-    """Change a deployment's desired state now, from inside another call (no flow run).
-
-    Takes ``deployment:{deployment_id}`` like the flows above; the pending transition, if any,
-    is superseded and its scheduled run cancelled.
-
-    Args:
-        deployment_id: the deployment.
-        state: ``running``, ``standby`` or ``archived``.
-
-    Returns:
-        ``applied``, or ``deleted`` when the deployment no longer exists (nothing changed).
-
-    Raises:
-        InvalidParameterError: a bad id or state.
-        RefusedError: the deployment is its project's live deployment (nothing written).
-    """
-    params = parse(ChangeParams, deployment_id=deployment_id, nonce="now", state=state)
-    async with critical_section(_key(params.deployment_id)):
-        change = apply_desired_state_now(
-            params.deployment_id, params.state, TOPOLOGY_STATUS[params.state]
-        )
-        if change["superseded_run"]:
-            await cancel_scheduled_run(change["superseded_run"], SUPERSEDED_BY_NOW)
-        return change["outcome"]
-
-
 class BatchParams(Params):
     deployment_ids: Annotated[list[Id], Field(min_length=1, max_length=1000)]
     state: State
@@ -205,3 +181,24 @@ async def change_desired_states_now(
             if change["superseded_run"]:
                 await cancel_scheduled_run(change["superseded_run"], SUPERSEDED_BY_NOW)
     return {deployment_id: change["outcome"] for deployment_id, change in changes.items()}
+
+
+async def change_desired_state_now(deployment_id: str, state: str, batch: str) -> str:
+    """``change_desired_states_now`` for one deployment, refusing the live one.
+
+    Args:
+        deployment_id: the deployment.
+        state: ``running``, ``standby`` or ``archived``.
+        batch: names the change within the calling call.
+
+    Returns:
+        ``applied``, or ``deleted`` when the deployment no longer exists (nothing changed).
+
+    Raises:
+        InvalidParameterError: a bad id or state.
+        RefusedError: the deployment is its project's live deployment (nothing written).
+    """
+    outcome = (await change_desired_states_now([deployment_id], state, batch))[deployment_id]
+    if outcome == REFUSED:
+        raise RefusedError(f"not allowed to modify the current live deployment '{deployment_id}'")
+    return outcome

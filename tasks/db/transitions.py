@@ -29,7 +29,6 @@ __all__ = [
     "ImmediateChange",
     "Transition",
     "apply_desired_state",
-    "apply_desired_state_now",
     "apply_desired_state_now_to_batch",
     "clear_transition",
     "find_deployment_regions",
@@ -206,31 +205,6 @@ def _apply_now(
 
 
 @step(
-    name="applying desired state now",
-    key=("deployment_id", "desired_state"),
-    run_name="applying desired state {desired_state} to {deployment_id}",
-)
-def apply_desired_state_now(
-    deployment_id: str, desired_state: str, topology_status: str
-) -> ImmediateChange:
-    """Change the deployment's desired state now, superseding any pending transition.
-
-    One transaction: the pending transition is dropped (an immediate change is the newest
-    writer), the desired state written, and every region's topology status set with a new
-    region version taken in the same transaction.
-
-    Returns:
-        ``outcome`` (``applied`` or ``deleted``) and the superseded scheduled run, if any, for
-        the caller to cancel.
-
-    Raises:
-        RefusedError: the deployment is its project's live deployment (nothing written).
-    """
-    with control_plane_transaction() as connection:
-        return _apply_now(connection, deployment_id, desired_state, topology_status)
-
-
-@step(
     name="applying desired state now to a batch",
     key=("batch", "desired_state"),
     run_name="applying desired state {desired_state} to batch {batch}",
@@ -238,7 +212,12 @@ def apply_desired_state_now(
 def apply_desired_state_now_to_batch(
     batch: str, deployment_ids: list[str], desired_state: str, topology_status: str
 ) -> dict[str, ImmediateChange]:
-    """``apply_desired_state_now`` for many deployments, each in its own transaction.
+    """Change the deployments' desired state now, each in its own transaction, superseding
+    any pending transition.
+
+    Per deployment, one transaction: the pending transition is dropped (an immediate change is
+    the newest writer), the desired state written, and every region's topology status set with
+    a new region version taken in the same transaction.
 
     A deployment the change is refused for (the live one) gets the outcome ``refused`` and
     nothing written; the others change. A re-run after a crash applies the change again to
