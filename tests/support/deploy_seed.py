@@ -210,40 +210,29 @@ def project_row(url: str, project_id: str) -> sa.Row:
         return connection.execute(sa.select(projects).where(projects.c.id == project_id)).one()
 
 
+def _all(url: str, query: sa.Select) -> list[sa.Row]:
+    with engine_for(url).connect() as connection:
+        return list(connection.execute(query))
+
+
 def topologies_of(url: str, deployment_id: str) -> list[sa.Row]:
     """The deployment's topology rows, by region."""
-    with engine_for(url).connect() as connection:
-        return list(
-            connection.execute(
-                sa.select(deployment_topology)
-                .where(deployment_topology.c.deployment_id == deployment_id)
-                .order_by(deployment_topology.c.region)
-            )
-        )
+    table = deployment_topology
+    query = sa.select(table).where(table.c.deployment_id == deployment_id)
+    return _all(url, query.order_by(table.c.region))
 
 
 def sentinels_of(url: str, environment_id: str) -> list[sa.Row]:
     """The environment's sentinels, by region."""
-    with engine_for(url).connect() as connection:
-        return list(
-            connection.execute(
-                sa.select(sentinels)
-                .where(sentinels.c.environment_id == environment_id)
-                .order_by(sentinels.c.region)
-            )
-        )
+    query = sa.select(sentinels).where(sentinels.c.environment_id == environment_id)
+    return _all(url, query.order_by(sentinels.c.region))
 
 
 def policies_of(url: str, deployment_id: str) -> list[sa.Row]:
     """The deployment's Cilium policies, by region and name."""
-    with engine_for(url).connect() as connection:
-        return list(
-            connection.execute(
-                sa.select(cilium_network_policies)
-                .where(cilium_network_policies.c.deployment_id == deployment_id)
-                .order_by(cilium_network_policies.c.region, cilium_network_policies.c.k8s_name)
-            )
-        )
+    table = cilium_network_policies
+    query = sa.select(table).where(table.c.deployment_id == deployment_id)
+    return _all(url, query.order_by(table.c.region, table.c.k8s_name))
 
 
 def routes_of(url: str, project_id: str) -> dict[str, tuple[str, str]]:
