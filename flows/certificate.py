@@ -35,6 +35,7 @@ from typing import Annotated, Any
 from prefect import get_run_logger
 from pydantic import StringConstraints
 
+from flows.certificate_renewal import renew_expiring_certificates
 from flows.params import Id, Params
 from tasks.acme.client import certificate_not_after
 from tasks.acme.issuance import (
@@ -51,6 +52,7 @@ from tasks.acme.issuance import (
 )
 from tasks.custom_domain_names import MAX_DOMAIN_LENGTH, validate_custom_domain
 from tasks.db import certificates as cert_db
+from tasks.db.custom_domains import find_custom_domain
 from worker.kernel.errors import (
     ConfigError,
     ConflictError,
@@ -63,7 +65,12 @@ from worker.kernel.sleep import durable_sleep
 from worker.kernel.steps import step
 from worker.settings import env_name, worker_settings
 
-__all__ = ["MAX_RATE_LIMIT_WAITS", "process_challenge", "rate_limit_wait"]
+__all__ = [
+    "MAX_RATE_LIMIT_WAITS",
+    "process_challenge",
+    "rate_limit_wait",
+    "renew_expiring_certificates",
+]
 
 MAX_RATE_LIMIT_WAITS = 3
 MIN_RATE_LIMIT_WAIT = 60.0
@@ -108,7 +115,7 @@ def resolve_domain(domain: str) -> dict[str, str]:
     Raises:
         NotFoundError: no custom domain has that name.
     """
-    row = cert_db.find_custom_domain(domain)
+    row = find_custom_domain(domain)
     if row is None:
         raise NotFoundError(f"custom domain '{domain}' not found")
     return {"id": row.id, "workspace_id": row.workspace_id, "domain": row.domain}
@@ -123,7 +130,7 @@ def claim_challenge(domain_id: str) -> bool:
 def _challenge_gave_up(parameters: dict[str, Any], reason: str) -> None:
     """Whatever ended the call without a certificate: the challenge is ``failed``, with why."""
     params = _parse(**parameters)
-    row = cert_db.find_custom_domain(params.domain)
+    row = find_custom_domain(params.domain)
     if row is None or row.workspace_id != params.workspace_id:
         return  # not this workspace's domain: nothing of it was touched
     if cert_db.mark_challenge_failed(row.id, reason):

@@ -40,6 +40,7 @@ from worker.settings import Settings
 __all__ = [
     "USER_AGENT",
     "answer",
+    "ari_window",
     "build_client",
     "certificate_not_after",
     "dns01_challenge",
@@ -48,6 +49,7 @@ __all__ = [
     "http01_challenge",
     "new_order",
     "new_private_key_and_csr",
+    "renewal_info_url",
     "wait_valid",
 ]
 
@@ -171,6 +173,9 @@ def new_order(
     payload: dict[str, Any] = {"identifiers": [identifier]}
     if replaces:
         payload["replaces"] = replaces
+    # acme 5.9's ClientV2.new_order cannot send `replaces`: the order is posted with the
+    # library's own signed POST. The acme library's private names used by the worker are all
+    # in this module: `_post`, `_post_as_get`, `_authzr_from_response`.
     response = client._post(client.directory["newOrder"], _NewOrderWithReplaces(**payload))
     return _order_resource(client, response, response.headers.get("Location"), csr_pem)
 
@@ -338,6 +343,50 @@ def finalize(client: acme_client.ClientV2, order: messages.OrderResource, timeou
     else:  # finalize_order tolerates orderNotReady (finalization already under way)
         finalized = client.finalize_order(order, deadline)
     return str(finalized.fullchain_pem)
+
+
+def renewal_info_url(client: acme_client.ClientV2) -> str | None:
+    """The CA's RFC 9773 ``renewalInfo`` base URL, or None when it offers no ARI.
+
+    Args:
+        client: a client (its directory is already fetched).
+
+    Returns:
+        The URL from the directory, or None.
+    """
+    try:
+        url = client.directory["renewalInfo"]
+    except KeyError:
+        return None
+    return str(url) if url else None
+
+
+def ari_window(
+    client: acme_client.ClientV2, ari_id: str
+) -> tuple[datetime.datetime, datetime.datetime]:
+    """The CA's suggested renewal window of one certificate (an unauthenticated GET).
+
+    Args:
+        client: a client of a CA that offers ARI (``renewal_info_url`` is not None).
+        ari_id: the certificate's ARI identifier (``tasks.acme.renewal.ari_certificate_id``).
+
+    Returns:
+        ``(start, end)``, timezone-aware.
+
+    Raises:
+        KeyError: the CA offers no ARI.
+        acme.messages.Error: the CA answered with a problem (an unknown certificate).
+        requests.exceptions.RequestException: the CA could not be reached.
+    """
+    url = f"{client.directory['renewalInfo'].rstrip('/')}/{ari_id}"
+    response = client.net.get(url, content_type="application/json")
+    window = messages.RenewalInfo.from_json(response.json()).suggested_window
+    start, end = window.start, window.end
+    return _aware(start), _aware(end)
+
+
+def _aware(moment: datetime.datetime) -> datetime.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
 def certificate_not_after(fullchain_pem: str) -> datetime.datetime:

@@ -20,6 +20,7 @@ by the step like any retryable error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,11 +37,14 @@ from tasks.acme.client import (
     http01_challenge,
     new_order,
     new_private_key_and_csr,
+    renewal_info_url,
     wait_valid,
 )
 from tasks.acme.errors import RateLimited, classify
+from tasks.acme.renewal import parse_leaf
 from tasks.db import acme as acme_db
 from tasks.db import certificates as cert_db
+from tasks.db import renewals as renewal_db
 from tasks.dns_propagation import wait_for_txt_propagation
 from tasks.route53 import delete_txt, upsert_txt
 from worker.kernel.errors import NotFoundError, RetryableError
@@ -87,6 +91,20 @@ async def _session() -> tuple[AcmeAccount, acme_client.ClientV2]:
     return account, client
 
 
+def _replaces(client: acme_client.ClientV2, domain: str) -> str | None:
+    """The ARI id of the certificate a renewal replaces (RFC 9773), when the CA offers ARI and
+    the domain has a stored certificate; otherwise None (a first issuance, or no ARI)."""
+    if renewal_info_url(client) is None:
+        return None
+    chain = renewal_db.certificate_chain(domain)
+    if chain is None:
+        return None
+    try:
+        return parse_leaf(chain).ari_id
+    except ValueError:
+        return None  # an unreadable stored chain: renew without naming it
+
+
 async def _order(client: acme_client.ClientV2, order: dict[str, Any]) -> messages.OrderResource:
     return await _acme(fetch_order, client, order["order_uri"], order["csr_pem"])
 
@@ -101,6 +119,7 @@ async def account_step() -> dict[str, str]:
 @step(name="create order", key=("attempt",))
 async def create_order(workspace_id: str, domain: str, attempt: int) -> dict[str, Any]:
     """A new key, CSR and order for ``domain``; the key encrypted with ``workspace_id``'s keyring.
+    A renewal at a CA offering ARI names the certificate it replaces (``replaces``).
 
     Returns:
         ``{"order_uri", "csr_pem", "encrypted_key"}``, or ``{"retry_after", "detail"}`` when
@@ -108,8 +127,9 @@ async def create_order(workspace_id: str, domain: str, attempt: int) -> dict[str
     """
     _, client = await _session()
     key_pem, csr_pem = new_private_key_and_csr(domain)
+    replaces = await asyncio.to_thread(_replaces, client, domain)
     try:
-        order = await _acme(new_order, client, domain, csr_pem)
+        order = await _acme(new_order, client, domain, csr_pem, replaces)
     except RateLimited as limited:
         return {"retry_after": limited.retry_after, "detail": str(limited)}
     if not order.uri:
@@ -137,14 +157,23 @@ async def present_challenge(domain_id: str, domain: str, order: dict[str, Any]) 
         token, record_name, txt_value, challenge = dns01_challenge(current, account.key)
         key_authorization = challenge.chall.key_authorization(account.key)
         await asyncio.to_thread(upsert_txt, record_name, txt_value)
-        await asyncio.to_thread(wait_for_txt_propagation, record_name, txt_value)
     else:
         token, key_authorization, _ = http01_challenge(current, account.key)
-    stored = await asyncio.to_thread(
-        acme_db.set_challenge_pending, domain_id, token, key_authorization
-    )
-    if not stored:
-        raise NotFoundError(f"custom domain '{domain}' has no ACME challenge")
+    try:
+        if record_name and txt_value:
+            await asyncio.to_thread(wait_for_txt_propagation, record_name, txt_value)
+        stored = await asyncio.to_thread(
+            acme_db.set_challenge_pending, domain_id, token, key_authorization
+        )
+        if not stored:
+            raise NotFoundError(f"custom domain '{domain}' has no ACME challenge")
+    except BaseException:
+        # The caller's clean-up only covers a presented challenge: an attempt that fails
+        # here removes its own TXT value (a retry publishes it again).
+        if record_name and txt_value:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(delete_txt, record_name, txt_value)
+        raise
     return {"token": token, "record_name": record_name, "txt_value": txt_value}
 
 

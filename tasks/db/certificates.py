@@ -3,7 +3,8 @@
 - ``custom_domains``: read by domain (the original's ``FindCustomDomainByDomain``).
 - ``acme_challenges``: claimed (``waiting`` -> ``pending``), then ``verified`` with the
   certificate's NotAfter, or ``failed`` (with the reason in the worker's own
-  ``acme_challenge_failures``, since the original table has no message column).
+  ``acme_challenge_failures``, since the original table has no message column, and the count
+  of consecutive failures the renewal sweep's backoff doubles with).
 - ``certificates``: upserted by hostname (unique), keeping the id a renewal replaces.
 
 Security: ``encrypted_private_key`` is only ever given and stored as the vault's ciphertext;
@@ -12,48 +13,24 @@ the certificate chain is public.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from tasks.db.schema import acme_challenge_failures, acme_challenges, certificates, custom_domains
+from tasks.db.schema import acme_challenge_failures, acme_challenges, certificates
 from tasks.db.session import control_plane_transaction
 from worker.kernel.clock import new_id, now_ms
 from worker.kernel.errors import RetryableError
 
 __all__ = [
     "MESSAGE_MAX",
-    "CustomDomainRow",
     "challenge_failure",
     "claim_challenge",
-    "find_custom_domain",
     "mark_challenge_failed",
     "mark_challenge_verified",
     "upsert_certificate",
 ]
 
 MESSAGE_MAX = 1024  # acme_challenge_failures.message is varchar(1024)
-
-
-@dataclass(frozen=True)
-class CustomDomainRow:
-    """What issuance needs of a ``custom_domains`` row."""
-
-    id: str
-    workspace_id: str
-    domain: str
-
-
-def find_custom_domain(domain: str) -> CustomDomainRow | None:
-    """The custom domain named ``domain`` (exact match), or None."""
-    with control_plane_transaction() as connection:
-        row = connection.execute(
-            select(custom_domains.c.id, custom_domains.c.workspace_id, custom_domains.c.domain)
-            .where(custom_domains.c.domain == domain)
-            .limit(1)
-        ).first()
-    return None if row is None else CustomDomainRow(row.id, row.workspace_id, row.domain)
 
 
 def claim_challenge(domain_id: str) -> bool:
@@ -127,7 +104,12 @@ def mark_challenge_verified(domain_id: str, expires_at_ms: int) -> None:
 
 
 def mark_challenge_failed(domain_id: str, message: str) -> bool:
-    """The challenge is ``failed``, ``message`` kept as its reason (idempotent).
+    """The challenge is ``failed``, ``message`` kept as its reason and the consecutive
+    failures counted (``failures``: 1 on the first, +1 on each later one until a success
+    clears the row), so the renewal sweep's backoff can double per failure.
+
+    The give-up hook calling this runs as a step keyed by the call's attempt, so one failed
+    attempt counts once (a replay does not count it again).
 
     Returns:
         True when the domain has a challenge row (now ``failed``).
@@ -145,14 +127,23 @@ def mark_challenge_failed(domain_id: str, message: str) -> bool:
             .where(acme_challenges.c.domain_id == domain_id)
             .values(status="failed", updated_at=at)
         )
-        connection.execute(
-            delete(acme_challenge_failures).where(acme_challenge_failures.c.domain_id == domain_id)
-        )
-        connection.execute(
-            insert(acme_challenge_failures).values(
-                domain_id=domain_id, message=message, failed_at=at
+        previous = connection.execute(
+            select(acme_challenge_failures.c.failures)
+            .where(acme_challenge_failures.c.domain_id == domain_id)
+            .with_for_update()
+        ).scalar_one_or_none()
+        if previous is None:
+            connection.execute(
+                insert(acme_challenge_failures).values(
+                    domain_id=domain_id, message=message, failed_at=at, failures=1
+                )
             )
-        )
+        else:
+            connection.execute(
+                update(acme_challenge_failures)
+                .where(acme_challenge_failures.c.domain_id == domain_id)
+                .values(message=message, failed_at=at, failures=previous + 1)
+            )
     return True
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from acme import client as acme_client
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pytest_httpserver import HTTPServer
@@ -27,36 +25,25 @@ from tasks.acme.account import ensure_account
 from tasks.acme.errors import AuthorizationInvalid
 from tasks.db.certificates import challenge_failure
 from tasks.db.engine import engine_for
-from tasks.db.schema import acme_challenge_failures, acme_challenges, certificates, custom_domains
+from tasks.db.schema import acme_challenge_failures, certificates, custom_domains
 from tests.flows.helpers import fails_at_once
 from tests.support.acme_servers import Pebble, start_acme_responder
+from tests.support.certificate_seed import (
+    SeededDomain,
+    certificate_rows,
+    challenge_row,
+    seeded_domain,
+)
 from tests.support.fixtures import PrefectApi
 from tests.support.processes import ReadyProcess
-from worker.kernel.clock import new_dns_label, new_id, now_ms
+from worker.kernel.clock import new_dns_label
 from worker.kernel.errors import ConflictError, InvalidParameterError, RefusedError
 from worker.settings import Settings, use_settings, worker_settings
 
-pytestmark = pytest.mark.mysql
+pytestmark = [pytest.mark.mysql, pytest.mark.usefixtures("fast_acme_polls")]
 
 LONG_NAME = ("a" * 63 + ".") * 3 + "a" * 57 + ".test"
 assert len(LONG_NAME) == 254
-
-
-@dataclass(frozen=True)
-class Seeded:
-    """A custom domain with a ``waiting`` HTTP-01 challenge."""
-
-    url: str
-    workspace_id: str
-    domain_id: str
-    domain: str
-
-
-@pytest.fixture(autouse=True)
-def _fast_acme_polls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The library's finalization poll sleeps 1 s between polls; pebble answers at once."""
-    real_sleep = acme_client.time.sleep
-    monkeypatch.setattr(acme_client.time, "sleep", lambda seconds: real_sleep(min(seconds, 0.05)))
 
 
 @pytest.fixture
@@ -89,66 +76,18 @@ def responder(control_db: str, pebble: Pebble, tmp_path: Path) -> Iterator[Ready
 
 
 @pytest.fixture
-def seeded(control_db: str) -> Iterator[Seeded]:
+def seeded(control_db: str) -> Iterator[SeededDomain]:
     """A fresh custom domain and its ``waiting`` challenge; removed afterwards."""
-    seed = Seeded(control_db, new_id("ws"), new_id("cd"), f"app-{new_dns_label(10)}.example.test")
-    at = now_ms()
-    with engine_for(control_db).begin() as connection:
-        connection.execute(
-            sa.insert(custom_domains).values(
-                id=seed.domain_id,
-                workspace_id=seed.workspace_id,
-                project_id=new_id("proj"),
-                environment_id=new_id("env"),
-                domain=seed.domain,
-                challenge_type="HTTP-01",
-                verification_status="verified",
-                verification_token=new_id("tok"),
-                target_cname=f"{new_dns_label(16)}.cname.test",
-                created_at=at,
-            )
-        )
-        connection.execute(
-            sa.insert(acme_challenges).values(
-                domain_id=seed.domain_id,
-                workspace_id=seed.workspace_id,
-                token="",
-                challenge_type="HTTP-01",
-                authorization="",
-                status="waiting",
-                expires_at=0,
-                created_at=at,
-            )
-        )
-    try:
+    with seeded_domain(control_db, f"app-{new_dns_label(10)}.example.test") as seed:
         yield seed
-    finally:
-        with engine_for(control_db).begin() as connection:
-            connection.execute(
-                sa.delete(certificates).where(certificates.c.hostname == seed.domain)
-            )
-            for table in (acme_challenges, acme_challenge_failures):
-                connection.execute(sa.delete(table).where(table.c.domain_id == seed.domain_id))
-            connection.execute(
-                sa.delete(custom_domains).where(custom_domains.c.id == seed.domain_id)
-            )
 
 
-def _certificate(seed: Seeded) -> sa.Row | None:
-    with engine_for(seed.url).connect() as connection:
-        return connection.execute(
-            sa.select(certificates).where(certificates.c.hostname == seed.domain)
-        ).first()
+def _certificate(seed: SeededDomain) -> sa.Row | None:
+    rows = certificate_rows(seed)
+    return rows[0] if rows else None
 
 
-def _challenge(seed: Seeded) -> sa.Row:
-    with engine_for(seed.url).connect() as connection:
-        return connection.execute(
-            sa.select(acme_challenges).where(acme_challenges.c.domain_id == seed.domain_id)
-        ).one()
-
-
-def _issue(seed: Seeded) -> dict[str, str]:
+def _issue(seed: SeededDomain) -> dict[str, str]:
     return asyncio.run(process_challenge(workspace_id=seed.workspace_id, domain=seed.domain))
 
 
@@ -170,7 +109,7 @@ def test_http01_issuance_through_the_flow(
     acme_settings: Settings,
     pebble: Pebble,
     responder: ReadyProcess,
-    seeded: Seeded,
+    seeded: SeededDomain,
     prefect_api: PrefectApi,
 ) -> None:
     """HTTP-01 issuance end to end: the certificate row holds the full chain to pebble's root
@@ -196,7 +135,7 @@ def test_http01_issuance_through_the_flow(
     key = serialization.load_pem_private_key(key_pem.encode(), password=None)
     assert leaf.public_key() == key.public_key()
 
-    challenge = _challenge(seeded)
+    challenge = challenge_row(seeded)
     assert challenge.status == "verified" and challenge.token
     assert challenge.expires_at == int(leaf.not_valid_after_utc.timestamp() * 1000)
 
@@ -206,7 +145,7 @@ def test_http01_issuance_through_the_flow(
 
 
 def test_renewal_keeps_the_certificate_id_and_replaces_the_pem(
-    acme_settings: Settings, responder: ReadyProcess, seeded: Seeded
+    acme_settings: Settings, responder: ReadyProcess, seeded: SeededDomain
 ) -> None:
     """A second call for a `verified` domain (a renewal) issues again: the same certificate
     id, a new chain and a new key, the challenge still `verified`."""
@@ -219,11 +158,11 @@ def test_renewal_keeps_the_certificate_id_and_replaces_the_pem(
     assert second == first and after.id == before.id
     assert after.certificate != before.certificate
     assert after.encrypted_private_key != before.encrypted_private_key
-    assert _challenge(seeded).status == "verified"
+    assert challenge_row(seeded).status == "verified"
 
 
 def test_invalid_authorization_fails_at_once_with_the_ca_detail(
-    acme_settings: Settings, seeded: Seeded
+    acme_settings: Settings, seeded: SeededDomain
 ) -> None:
     """Nothing answers pebble's HTTP-01 request: the call fails at once (no step retried)
     with pebble's problem detail, the challenge is `failed` with that reason, and no
@@ -236,7 +175,7 @@ def test_invalid_authorization_fails_at_once_with_the_ca_detail(
     )
 
     assert error.identifier == seeded.domain and error.detail
-    assert _challenge(seeded).status == "failed"
+    assert challenge_row(seeded).status == "failed"
     reason = challenge_failure(seeded.domain_id)
     assert reason is not None and error.detail in reason
     assert _certificate(seeded) is None
@@ -260,28 +199,44 @@ def _counts(url: str) -> tuple[int, ...]:
         ("ws_1", "app.*.example.test", "domain"),
         ("ws_1", "*.*.example.test", "domain"),
         ("ws_1", "app example.test", "domain"),
+        (" ", "app.example.test", "workspace_id"),
+        ("ws_1", "bücher.example.test", "domain"),  # non-ASCII: only the xn-- form
+        ("ws_1", "127.0.0.1", "domain"),
+        ("ws_1", "::1", "domain"),
+        ("ws_1", "*.127.0.0.1", "domain"),
+        ("ws_1", "app.example.test.", "domain"),
+        ("ws_1", "*.app.example.test.", "domain"),
+        ("ws_1", "*", "domain"),
+        ("ws_1", "*.test", "domain"),  # a wildcard over a whole TLD
+        ("ws_1", "*app.example.test", "domain"),
+        ("ws_1", "-app.example.test", "domain"),
+        ("ws_1", "a" * 64 + ".example.test", "domain"),
+        ("ws_1", "app.example.test:443", "domain"),
+        ("ws_1", "localhost", "domain"),
     ],
 )
 def test_bad_parameters_fail_at_once_with_nothing_written(
-    acme_settings: Settings, seeded: Seeded, workspace_id: str, domain: str, parameter: str
+    acme_settings: Settings, seeded: SeededDomain, workspace_id: str, domain: str, parameter: str
 ) -> None:
-    """Empty ids, malformed names, a 254-character name and a wildcard that is not the first
-    label: `InvalidParameterError` naming the parameter, no step retried, nothing written."""
+    """Empty or blank ids, malformed names, a 254-character name or a 64-character label,
+    non-ASCII names, IP addresses, a trailing dot, a port, a one-label name and a wildcard
+    that is not exactly the first label (or covers a TLD): `InvalidParameterError` naming
+    the parameter, no step retried, nothing written."""
     before = _counts(seeded.url)
     error = fails_at_once(
         InvalidParameterError, process_challenge, workspace_id=workspace_id, domain=domain
     )
     assert error.parameter == parameter
     assert _counts(seeded.url) == before
-    assert _challenge(seeded).status == "waiting"
+    assert challenge_row(seeded).status == "waiting"
 
 
 def test_another_workspaces_domain_is_refused_and_left_alone(
-    acme_settings: Settings, seeded: Seeded
+    acme_settings: Settings, seeded: SeededDomain
 ) -> None:
     """A domain of another workspace: refused at once (terminal), its challenge untouched."""
     fails_at_once(ConflictError, process_challenge, workspace_id="ws_other", domain=seeded.domain)
-    assert _challenge(seeded).status == "waiting"
+    assert challenge_row(seeded).status == "waiting"
     assert challenge_failure(seeded.domain_id) is None
 
 
@@ -312,7 +267,7 @@ def _rate_limiting_ca(httpserver: HTTPServer) -> None:
 
 def test_rate_limits_are_waited_out_then_the_call_fails_with_the_ca_message(
     acme_settings: Settings,
-    seeded: Seeded,
+    seeded: SeededDomain,
     httpserver: HTTPServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -343,6 +298,6 @@ def test_rate_limits_are_waited_out_then_the_call_fails_with_the_ca_message(
     assert sleeps == [(1.0, "rate-limit-1"), (1.0, "rate-limit-2"), (1.0, "rate-limit-3")]
     orders = [request for request, _ in httpserver.log if request.path == "/newOrder"]
     assert len(orders) == 4
-    assert _challenge(seeded).status == "failed"
+    assert challenge_row(seeded).status == "failed"
     reason = challenge_failure(seeded.domain_id)
     assert reason is not None and "too many new orders" in reason

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -41,7 +40,7 @@ from tests.support.deploy_seed import (
     topologies_of,
 )
 from tests.support.seed import new_id
-from tests.support.waits import row_lock_waits, wait_for
+from tests.support.waits import row_lock_waits, run_pid, wait_for
 from worker import client as worker_client
 from worker.kernel.clock import now_ms
 
@@ -101,12 +100,6 @@ BLOCKERS: dict[str, Callable[[DeploySeed, str], Any] | None] = {
 }
 
 
-def _run_pid(state_dir: Any, run_id: UUID) -> int:
-    record = state_dir / "runs" / f"{run_id}.json"
-    wait_for(record.exists, 30, "the run's local record")
-    return int(json.loads(record.read_text())["pid"])
-
-
 def _kill_at(seed: DeploySeed, route: str, blocker: str, prefect_api, worker_factory) -> UUID:
     """Start a deploy on a worker, let it reach ``blocker``, SIGKILL worker and run."""
     url = seed.url
@@ -121,7 +114,7 @@ def _kill_at(seed: DeploySeed, route: str, blocker: str, prefect_api, worker_fac
             wait_for(lambda: len(policies_of(url, seed.deployment_id)) == 4, 90, "the rows")
         else:
             wait_for(lambda: row_lock_waits(url) > 0, 90, f"the deploy to block at {blocker}")
-        pid = _run_pid(prefect_api.state_dir, run_id)
+        pid = run_pid(prefect_api.state_dir, run_id)
         first.kill()
         os.kill(pid, signal.SIGKILL)
     return UUID(str(run_id))

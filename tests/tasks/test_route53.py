@@ -9,18 +9,15 @@ authentication, every later call is verified), where a wrong secret really is
 
 from __future__ import annotations
 
-import os
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 
 from tasks import route53
-from tests.support.processes import ReadyProcess
+from tests.support.moto_auth import AuthMoto, moto_with_auth
 from worker.kernel.errors import NotFoundError, RefusedError, RetryableError, TerminalError
 from worker.local_server import free_port
 from worker.settings import Settings
@@ -154,25 +151,10 @@ def test_an_unreachable_endpoint_is_retryable(apex: str, monkeypatch: pytest.Mon
 
 
 @pytest.fixture(scope="module")
-def moto_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+def moto_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthMoto]:
     """A moto server that verifies credentials, and a real IAM user's key id and secret."""
-    port = free_port()
-    server = ReadyProcess(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        cwd=Path.cwd(),
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"},
-        log_path=tmp_path_factory.mktemp("moto-auth") / "moto.log",
-        name="moto (auth mode)",
-    )
-    url = f"http://127.0.0.1:{port}"
-    server.start(f"{url}/moto-api/", timeout=30)
-    try:
-        iam = _boto(url, "iam")
-        iam.create_user(UserName="ctrl-test")
-        key = iam.create_access_key(UserName="ctrl-test")["AccessKey"]
-        yield url, key["AccessKeyId"], key["SecretAccessKey"]
-    finally:
-        server.kill()
+    with moto_with_auth(tmp_path_factory.mktemp("moto-auth")) as server:
+        yield server
 
 
 @pytest.mark.parametrize(
@@ -183,11 +165,11 @@ def moto_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
     ],
 )
 def test_refused_credentials_are_terminal_without_the_secret(
-    moto_with_auth: tuple[str, str, str], case: str, code: str
+    moto_auth: AuthMoto, case: str, code: str
 ) -> None:
     """Credentials Route53 refuses are a terminal RefusedError naming the settings and the
     code, never the secret nor AWS's text, with no chained botocore exception."""
-    url, key_id, real_secret = moto_with_auth
+    url, key_id, real_secret = moto_auth.url, moto_auth.key_id, moto_auth.secret
     key, secret = {
         "unknown key": ("AKIAUNKNOWN000000000", SECRET),
         "wrong secret": (key_id, SECRET),
