@@ -7,9 +7,10 @@ imports this module; counters from every child are then summed on ``/metrics``.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "CRON_LAST_SUCCESS",
     "LOCK_WAIT_SECONDS",
     "RUNS_COMPLETED",
     "RUNS_FAILED",
@@ -29,4 +30,11 @@ LOCK_WAIT_SECONDS = Histogram(
     "ctrl_key_lock_wait_seconds",
     "Time spent waiting for a per-key lock",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+# Successful cron calls (a timestamp only grows: the max over every process, dead ones too).
+CRON_LAST_SUCCESS = Gauge(
+    "ctrl_cron_last_success_timestamp_seconds",
+    "When a run of the cron last completed (unix seconds)",
+    ["flow"],
+    multiprocess_mode="max",
 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
@@ -169,6 +170,8 @@ def service_flow(
             with run_records.run_record(), SyncClientContext.get_or_create():
                 result: R = await _call_body(name, fn, on_give_up is not None, *args, **kwargs)
             metrics.RUNS_COMPLETED.labels(flow=name).inc()
+            if tick_key is not None:  # a cron (worker.cron_watch)
+                metrics.CRON_LAST_SUCCESS.labels(flow=name).set(time.time())
             return result
 
         return flow(  # type: ignore[call-overload]
