@@ -299,8 +299,12 @@ _cache: dict[str, tuple[int, str, ClickHouseClient]] = {}
 
 
 def _cached(setting: str) -> ClickHouseClient | None:
-    secret: SecretStr | None = getattr(worker_settings(), setting)
-    url = secret.get_secret_value() if secret is not None else ""
+    settings = worker_settings()
+    if setting == "clickhouse_url":  # with its embedded default (``analytics_clickhouse_url``)
+        url = settings.analytics_clickhouse_url() or ""
+    else:
+        secret: SecretStr | None = getattr(settings, setting)
+        url = secret.get_secret_value() if secret is not None else ""
     if not url:
         return None
     pid, digest = os.getpid(), hashlib.sha256(url.encode()).hexdigest()
@@ -317,7 +321,10 @@ def _cached(setting: str) -> ClickHouseClient | None:
 
 
 def analytics_client() -> ClickHouseClient | None:
-    """This process's client for ``UNKEY_CLICKHOUSE_URL``, or None when it is not set.
+    """This process's client for ``UNKEY_CLICKHOUSE_URL``, or None when ClickHouse is off.
+
+    Unset on the embedded defaults, the URL is the state directory's chdb
+    (``Settings.analytics_clickhouse_url``); set to the empty string, ClickHouse is off.
 
     Returns:
         The cached client (one per process id and URL), or None.

@@ -49,7 +49,7 @@ def fetch_request_counts(
         ``{deployment id: request count}`` for the deployments with at least one request.
 
     Raises:
-        ConfigError: ``UNKEY_CLICKHOUSE_URL`` is not set (a missing count is never a zero:
+        ConfigError: ClickHouse is off (``UNKEY_CLICKHOUSE_URL``; a missing count is never a zero:
             the scale-down would take every preview deployment for idle).
         ClickHouseQueryError: the query was refused (no table, no privilege).
         ClickHouseUnavailableError: ClickHouse could not answer now (retried).
@@ -58,7 +58,9 @@ def fetch_request_counts(
         return {}
     client = analytics_client()
     if client is None:
-        raise ConfigError(f"{env_name('clickhouse_url')} is not set: request counts are unknown")
+        raise ConfigError(
+            f"ClickHouse is off ({env_name('clickhouse_url')}): request counts are unknown"
+        )
     keys = [(c["workspace_id"], c["project_id"], c["environment_id"], c["id"]) for c in candidates]
     rows = client.query(REQUEST_COUNTS_SQL, {"keys": keys, "since": since_ms})
     return {str(deployment_id): int(count) for deployment_id, count in rows}

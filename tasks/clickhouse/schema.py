@@ -20,7 +20,10 @@ requests, 3 months for builds).
 
 from __future__ import annotations
 
-from blocks.clickhouse import ClickHouseClient
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importing the block loads Prefect; the embedded init runs without it
+    from blocks.clickhouse import ClickHouseClient
 
 __all__ = [
     "ANALYTICS_TABLES",

@@ -414,9 +414,10 @@ def settings_with(tmp_path: Path) -> Iterator[Any]:
 
 
 def test_cached_clients_follow_the_settings(settings_with: Any, tmp_path: Path) -> None:
-    """analytics_client/admin_client are None when unset, one cached client per setting, and
-    a new one when the URL changes."""
-    settings_with()
+    """analytics_client/admin_client are None when off (UNKEY_CLICKHOUSE_URL empty: unset
+    means the embedded default), one cached client per setting, and a new one when the URL
+    changes."""
+    settings_with(clickhouse_url="")
     assert analytics_client() is None and admin_client() is None
     settings_with(clickhouse_url=f"chdb://{tmp_path / 'a'}")
     first = analytics_client()

@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+from pydantic import SecretStr
 
 from blocks.clickhouse import ClickHouseClient
 from tasks.build.progress import BuildStep
@@ -205,10 +206,10 @@ def test_request_count_is_replayed_within_one_call(
 
 
 def test_request_count_without_clickhouse_is_a_config_error() -> None:
-    """With UNKEY_CLICKHOUSE_URL unset the count is refused (terminal), never taken as 0, which
-    would put every preview deployment on standby."""
+    """With ClickHouse off (UNKEY_CLICKHOUSE_URL empty) the count is refused (terminal), never
+    taken as 0, which would put every preview deployment on standby."""
     with (
-        installed_settings(Settings(_env_file=None)),
+        installed_settings(Settings(_env_file=None, clickhouse_url=SecretStr(""))),
         pytest.raises(ConfigError, match="UNKEY_CLICKHOUSE_URL"),
     ):
         fetch_request_counts.fn(0, [_candidate(_ids())], 0)
