@@ -84,6 +84,14 @@ CATALOGUE: tuple[DeploymentSpec, ...] = (
     DeploymentSpec("flows/deploy.py:rollback"),
     DeploymentSpec("flows/deploy.py:scale_down_idle_preview_deployments", cron="*/15 * * * *"),
     DeploymentSpec("flows/certificate.py:process_challenge"),
+    DeploymentSpec("flows/certificate.py:renew_expiring_certificates", cron="0 3 * * *"),
+    DeploymentSpec("flows/custom_domain.py:add_custom_domain"),
+    DeploymentSpec("flows/custom_domain.py:verify_domain"),
+    DeploymentSpec("flows/custom_domain.py:retry_verification"),
+    DeploymentSpec("flows/custom_domain.py:delete_custom_domain"),
+    DeploymentSpec("flows/clickhouse_user.py:configure_clickhouse_user"),
+    DeploymentSpec("flows/quota_check.py:run_quota_check", cron="0 15 * * *"),
+    DeploymentSpec("flows/key_refill.py:run_key_refill", cron="0 0 * * *"),
 )
 
 

@@ -182,8 +182,8 @@ async def _standby(deployment_ids: list[str], page: int) -> list[str]:
 async def scale_down_idle_preview_deployments() -> dict[str, Any]:
     """Put preview deployments with no requests in 6 h on standby (cron every 15 min)."""
     log = get_run_logger()
-    if worker_settings().clickhouse_url is None:
-        log.info("UNKEY_CLICKHOUSE_URL is not set: no request counts to measure, nothing changed")
+    if worker_settings().analytics_clickhouse_url() is None:
+        log.info("ClickHouse is off (UNKEY_CLICKHOUSE_URL): no request counts, nothing changed")
         return {"deployments_checked": 0, "idle": 0, "scaled_down": []}
     async with critical_section("deploy:global"):
         cutoff = _cutoff()

@@ -60,14 +60,19 @@ class Progress:
         """Mark ``phase`` finished (``note`` says what it did)."""
         if phase not in self.finished:
             self.finished.append(phase)
+        percent = 100.0 * len(self.finished) / max(len(self.phases), 1)
+        await self.report(percent, f"{phase} done" + (f" ({note})" if note else ""))
+
+    async def report(self, percent: float, note: str) -> None:
+        """Set the percentage directly, for work counted in items rather than phases (keys
+        refilled); ``note`` says how far it got."""
         if self._artifact is None:
             return
-        percent = 100.0 * len(self.finished) / max(len(self.phases), 1)
         try:
             await aupdate_progress_artifact(
                 self._artifact,
-                progress=min(percent, 100.0),
-                description=self._description(f"{phase} done" + (f" ({note})" if note else "")),
+                progress=min(max(percent, 0.0), 100.0),
+                description=self._description(note),
             )
         except Exception as exc:
             log.warning("could not update the progress artifact: %s", exc)

@@ -13,11 +13,15 @@ worth retrying; any other 4xx is not); each caller decides which terminal error 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from worker.kernel.errors import RetryableError
 
@@ -25,12 +29,36 @@ __all__ = [
     "connect_error_code",
     "http_client",
     "is_retryable_status",
+    "quiet_http_logs",
     "redact",
     "send",
+    "send_heartbeat",
 ]
 
 _CONNECT_CODE = re.compile(r"[a-z_]{1,40}")
 _REDACTED = "[redacted]"
+
+# httpx logs every request's full URL at INFO ("HTTP Request: POST <url>"): for a secret URL
+# (the webhook, a heartbeat) those records are dropped while the request runs.
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("ctrl_quiet_http", default=False)
+
+
+class _DropWhileQuiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _QUIET.get()
+
+
+logging.getLogger("httpx").addFilter(_DropWhileQuiet())
+
+
+@contextlib.contextmanager
+def quiet_http_logs() -> Iterator[None]:
+    """Drop httpx's request log records (they hold the URL) inside the block (this context)."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
 
 
 def http_client(timeout: float = 30.0) -> httpx.Client:
@@ -128,3 +156,28 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, _REDACTED)
     return text
+
+
+def send_heartbeat(url: SecretStr | None, what: str) -> bool:
+    """Ping a dead-man's-switch heartbeat (Checkly): one GET, 10 s timeout.
+
+    The URL is a secret (it carries the check's token): it never appears in a message.
+
+    Args:
+        url: the heartbeat URL, or None when none is configured (nothing is sent).
+        what: what the heartbeat is for, for messages (``"certificate renewal heartbeat"``).
+
+    Returns:
+        True when a heartbeat was sent, False when no URL is configured.
+
+    Raises:
+        RetryableError: the request failed or answered a non-2xx status (the original
+            treats a failed heartbeat as an error of the run, which is retried).
+    """
+    if url is None or not url.get_secret_value():
+        return False
+    with http_client(timeout=10.0) as client, quiet_http_logs():
+        response = send(client, "GET", url.get_secret_value(), what=what)
+    if not response.is_success:
+        raise RetryableError(f"{what} answered HTTP {response.status_code}")
+    return True

@@ -112,6 +112,20 @@ CALLS = {
     "rollback": {"source_deployment_id": "d_nowhere", "target_deployment_id": "d_elsewhere"},
     "scale_down_idle_preview_deployments": {},
     "process_challenge": {"workspace_id": "ws_nowhere", "domain": "nowhere.example.test"},
+    "renew_expiring_certificates": {"days_before_expiry": -1},
+    # The calls below are refused at once by their parameter checks: nothing is written.
+    "add_custom_domain": {
+        "workspace_id": "ws_nowhere",
+        "project_id": "p_nowhere",
+        "environment_id": "env_nowhere",
+        "domain": "not a domain",
+    },
+    "verify_domain": {"domain": "*.wildcard.example.test"},
+    "retry_verification": {"domain": ""},
+    "delete_custom_domain": {"domain": "a" * 254},
+    "configure_clickhouse_user": {"workspace_id": ""},
+    "run_quota_check": {"billing_period": "2026-13"},
+    "run_key_refill": {"date": "2025-02-30"},
 }
 
 

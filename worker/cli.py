@@ -98,8 +98,25 @@ def _db_init() -> int:
     from tasks.db.schema import init_schema
     from worker.settings import load_settings
 
-    created = init_schema(load_settings().database_url())
+    settings = load_settings()
+    created = init_schema(settings.database_url())
     print(f"created {len(created)} table(s)" + (f": {', '.join(created)}" if created else ""))
+    return _analytics_init(settings)
+
+
+def _analytics_init(settings: Any) -> int:
+    # The analytics tables (tasks.clickhouse.bootstrap): ours on chdb, the platform's on a
+    # server, where a refusal is reported but does not fail `db init`.
+    from tasks.clickhouse.bootstrap import init_configured_analytics
+
+    done = init_configured_analytics(settings)
+    if not done.where:
+        print("analytics: ClickHouse is off (UNKEY_CLICKHOUSE_URL), no tables to create")
+    elif done.error is not None:
+        print(f"analytics: left {done.where} as it is: {done.error}", file=sys.stderr)
+    else:
+        names = f": {', '.join(done.created)}" if done.created else ""
+        print(f"analytics: created {len(done.created)} table(s) in {done.where}{names}")
     return EXIT_OK
 
 

@@ -35,20 +35,28 @@ from worker.settings import load_settings
 
 __all__ = [
     "FlowRunFailed",
+    "add_custom_domain",
     "assign_frontline_routes",
     "change_desired_state",
     "clear_scheduled_state_changes",
+    "configure_clickhouse_user",
     "connect",
+    "delete_custom_domain",
     "deploy",
     "get_version",
     "next_version",
     "process_challenge",
     "promote",
+    "renew_expiring_certificates",
+    "retry_verification",
     "rollback",
+    "run_key_refill",
+    "run_quota_check",
     "scale_down_idle_preview_deployments",
     "schedule_desired_state_change",
     "submit",
     "trigger",
+    "verify_domain",
     "wait_for_result",
 ]
 
@@ -398,6 +406,63 @@ async def scale_down_idle_preview_deployments(
     )
 
 
+async def renew_expiring_certificates(
+    days_before_expiry: int | None = None,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """CertificateService.RenewExpiringCertificates (the cron's call, on demand; the cron's
+    key is ``cert-renewal-<YYYY-MM-DD>``); with ``wait``, ``{"certificates_checked",
+    "renewals_triggered", "failed_domains"}``."""
+    parameters = {} if days_before_expiry is None else {"days_before_expiry": days_before_expiry}
+    return await trigger(
+        "renew_expiring_certificates",
+        parameters,
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def run_quota_check(
+    billing_period: str | None = None,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """QuotaCheckService.RunCheck for ``billing_period`` (YYYY-MM, default: the current UTC
+    month; the cron's key is ``quota-check-<YYYY-MM-DD>``); with ``wait``,
+    ``{"workspaces_checked", "workspaces_exceeded", "notifications_sent"}``."""
+    return await trigger(
+        "run_quota_check",
+        {} if billing_period is None else {"billing_period": billing_period},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def run_key_refill(
+    date: str | None = None,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """KeyRefillService.RunRefill for ``date`` (YYYY-MM-DD, default: today UTC; the cron's
+    key is ``key-refill-<YYYY-MM-DD>``); with ``wait``, ``{"keys_refilled"}``."""
+    return await trigger(
+        "run_key_refill",
+        {} if date is None else {"date": date},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
 async def process_challenge(
     workspace_id: str,
     domain: str,
@@ -411,6 +476,115 @@ async def process_challenge(
     return await trigger(
         "process_challenge",
         {"workspace_id": workspace_id, "domain": domain},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def add_custom_domain(
+    workspace_id: str,
+    project_id: str,
+    environment_id: str,
+    domain: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """CustomDomainService.AddCustomDomain: add the domain and start its verification; with
+    ``wait``, ``{"domain", "target_cname", "verification_token", "verification_status"}``."""
+    return await trigger(
+        "add_custom_domain",
+        {
+            "workspace_id": workspace_id,
+            "project_id": project_id,
+            "environment_id": environment_id,
+            "domain": domain,
+        },
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def _domain_call(
+    flow_name: str,
+    domain: str,
+    idempotency_key: str | None,
+    wait: bool,
+    scheduled_time: datetime | None,
+) -> Any:
+    return await trigger(
+        flow_name,
+        {"domain": domain},
+        idempotency_key=idempotency_key,
+        wait=wait,
+        scheduled_time=scheduled_time,
+    )
+
+
+async def verify_domain(
+    domain: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """CustomDomainService.VerifyDomain: check DNS until verified or the deadline."""
+    return await _domain_call("verify_domain", domain, idempotency_key, wait, scheduled_time)
+
+
+async def retry_verification(
+    domain: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """CustomDomainService.RetryVerification: cancel, reset and verify again."""
+    return await _domain_call("retry_verification", domain, idempotency_key, wait, scheduled_time)
+
+
+async def delete_custom_domain(
+    domain: str,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """CustomDomainService.DeleteCustomDomain: cancel the verification, delete route,
+    challenge and domain together."""
+    return await _domain_call("delete_custom_domain", domain, idempotency_key, wait, scheduled_time)
+
+
+async def configure_clickhouse_user(
+    workspace_id: str,
+    quota_duration_seconds: int | None = None,
+    max_queries_per_window: int | None = None,
+    max_execution_time_per_window: int | None = None,
+    max_query_execution_time: int | None = None,
+    max_query_memory_bytes: int | None = None,
+    max_query_result_rows: int | None = None,
+    *,
+    idempotency_key: str | None = None,
+    wait: bool = False,
+    scheduled_time: datetime | None = None,
+) -> Any:
+    """ClickhouseUserService.ConfigureUser: create or update the workspace's read-only
+    ClickHouse user (unset or <= 0 limits take the defaults); with ``wait``,
+    ``{"workspace_id", "username", "created"}`` (never the password)."""
+    return await trigger(
+        "configure_clickhouse_user",
+        {
+            "workspace_id": workspace_id,
+            "quota_duration_seconds": quota_duration_seconds,
+            "max_queries_per_window": max_queries_per_window,
+            "max_execution_time_per_window": max_execution_time_per_window,
+            "max_query_execution_time": max_query_execution_time,
+            "max_query_memory_bytes": max_query_memory_bytes,
+            "max_query_result_rows": max_query_result_rows,
+        },
         idempotency_key=idempotency_key,
         wait=wait,
         scheduled_time=scheduled_time,

@@ -6,7 +6,8 @@ deployments (the same as ``prefect deploy --all`` of ``prefect.yaml``) and their
 (retried 10 x 5 s, fatal after) -> the warm worker
 (``worker.dispatch``: fork server, event push, fallback poll) -> the reconciler (resumes
 crashed runs of the pool's deployments, whichever worker ran them) -> the local data plane
-(``worker.dataplane``, a simulation of krane) if ``UNKEY_DATAPLANE`` is ``local`` -> metrics.
+(``worker.dataplane``, a simulation of krane) if ``UNKEY_DATAPLANE`` is ``local`` -> metrics ->
+the platform wildcard certificates' bootstrap (``worker.certificate_bootstrap``).
 With ``PREFECT_API_URL`` unset it first starts (and at the end stops) a local Prefect server
 under the state directory.
 
@@ -142,6 +143,7 @@ async def _run(settings: Settings, ui: str, extra: tuple[DeploymentSpec, ...]) -
         cleanups.push("background tasks", lambda: [task.cancel() for task in background])
         if settings.prometheus_port:
             _serve_metrics(settings.prometheus_port)
+        await _bootstrap_certificates(settings)
         _add_prefect_check(health)
         health.started = True
         print(f"ctrl-worker started: Prefect UI {ui}", flush=True)
@@ -182,6 +184,11 @@ def _open_local_resources(settings: Settings, health: Any, cleanups: _Cleanups) 
             )
     cleanups.push("database", dispose_engines)
     health.checks["database"] = _db_check(engine_for(url))
+    # Analytics: an embedded chdb gets its tables like the SQLite file (in a short child
+    # process: chdb never loads into the worker); a ClickHouse server is never changed here.
+    from tasks.clickhouse.bootstrap import ensure_embedded_analytics
+
+    ensure_embedded_analytics(settings)
     if not settings.results_s3_bucket:
         settings.results_dir().mkdir(parents=True, exist_ok=True)
     return vault
@@ -195,6 +202,7 @@ async def _register(
 
     from blocks.results import save_results_block
     from deployments import CATALOGUE
+    from worker.cron_watch import ensure_cron_watch
     from worker.kernel.locks import ensure_key_limit
     from worker.kernel.resume import retire_crash_automation
     from worker.registration import register_deployments
@@ -204,6 +212,7 @@ async def _register(
             async with get_client() as client:
                 registered = await register_deployments(client, (*CATALOGUE, *extra))
                 await retire_crash_automation(client)
+                await ensure_cron_watch(client, registered, settings.cron_missed_grace_seconds)
                 # Blocks are a projection of the environment, visible in the UI (the
                 # environment stays the source of truth; flows read it directly).
                 await vault.asave(VAULT_BLOCK_NAME, overwrite=True)
@@ -295,9 +304,20 @@ def _add_prefect_check(health: Any) -> None:
 def _serve_metrics(port: int) -> None:
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+    from worker.certificate_metrics import CertificateCollector
+
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
+    # Read from the DB at scrape time: a gauge set in a flow-run process would go stale.
+    registry.register(CertificateCollector())
     start_http_server(port, registry=registry)
+
+
+async def _bootstrap_certificates(settings: Settings) -> None:
+    """The platform wildcards' rows and today's startup sweep (logged, never fatal)."""
+    from worker.certificate_bootstrap import bootstrap_certificates
+
+    await bootstrap_certificates(settings)
 
 
 async def _reconcile_pass(settings: Settings, registered: dict[UUID, DeploymentSpec]) -> None:

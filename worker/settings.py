@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     cname_domain: str | None = None
     # Custom-domain checks and DNS-01 propagation checks; empty = the system resolver.
     dns_nameservers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    custom_domain_check_seconds: float = Field(default=60.0, gt=0, le=86400)
+    custom_domain_verify_timeout_seconds: float = Field(default=86400.0, gt=0, le=30 * 86400)
+    cert_renewal_concurrency: int = Field(default=10, ge=1, le=1000)
+    cron_missed_grace_seconds: float = Field(default=900.0, ge=0, le=7 * 86400)
 
     # -- builds ----------------------------------------------------------------------------
     build_backend: Literal["docker", "depot"] = "docker"
@@ -155,6 +159,9 @@ class Settings(BaseSettings):
     dataplane_start_seconds: float = Field(default=0.5, ge=0, le=3600)
 
     # -- ClickHouse (optional, fix of the original which required it) -----------------------
+    # Unset: an embedded chdb under the state directory on the embedded defaults (no
+    # UNKEY_DATABASE_PRIMARY), none otherwise; set to the empty string: none (ClickHouse off).
+    # Read it through ``analytics_clickhouse_url()``.
     clickhouse_url: SecretStr | None = None
     clickhouse_admin_url: SecretStr | None = None
 
@@ -216,6 +223,19 @@ class Settings(BaseSettings):
         if self.dataplane is not None:
             return self.dataplane
         return "external" if _secret_set(self.database_primary) else "local"
+
+    def analytics_clickhouse_url(self) -> str | None:
+        """The analytics ClickHouse URL (secret: do not log it), or None when ClickHouse is off.
+
+        ``UNKEY_CLICKHOUSE_URL`` when set; set to the empty string, ClickHouse is off. Unset, it
+        is ``chdb:///<state dir>/clickhouse`` on the embedded defaults (no
+        ``UNKEY_DATABASE_PRIMARY``: the embedded engine, no server needed), else off.
+        """
+        if self.clickhouse_url is not None:
+            return self.clickhouse_url.get_secret_value().strip() or None
+        if _secret_set(self.database_primary):
+            return None
+        return f"chdb://{self.state_path / 'clickhouse'}"
 
     def github_enabled(self) -> bool:
         """GitHub is enabled only with both an app id and a private key (as the original)."""

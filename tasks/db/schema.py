@@ -595,23 +595,31 @@ deployment_failures = Table(
 )
 
 # CertificateService: why a domain's challenge ended `failed` (acme_challenges has no message
-# column), so an operator sees the CA's detail next to the status the give-up hook wrote.
+# column), so an operator sees the CA's detail next to the status the give-up hook wrote, and
+# how many times in a row it failed (the renewal sweep's backoff doubles with `failures`).
 acme_challenge_failures = Table(
     "acme_challenge_failures",
     metadata,
     _req("domain_id", String(255), primary_key=True),
     _req("message", String(1024)),
     _req("failed_at", BigInteger),
+    _req("failures", Integer, server_default=text("1")),
     **_MYSQL_TABLE,
 )
 
-# QuotaCheckService: a workspace is notified at most once per billing period (`YYYY-MM`).
+# QuotaCheckService: when a workspace over its quota was last notified in a billing period
+# (`YYYY-MM`; a reminder only 6 d 20 h later), and `sending_token`/`sending_at` while a Slack
+# message may be in flight (set before the POST, cleared after: one left behind is taken as
+# delivered, so a message is never sent twice). `notifications` counts the period's messages.
 quota_notifications = Table(
     "quota_notifications",
     metadata,
     _req("billing_period", String(7), primary_key=True),
     _req("workspace_id", String(256), primary_key=True),
-    _req("notified_at", BigInteger),
+    _opt("notified_at", BigInteger),
+    _opt("sending_token", String(64)),
+    _opt("sending_at", BigInteger),
+    _req("notifications", Integer, server_default=text("0")),
     **_MYSQL_TABLE,
 )
 

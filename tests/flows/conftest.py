@@ -6,6 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.flows.clickhouse_user_support import (  # noqa: F401 (fixtures)
+    admin_settings,
+    standin,
+    workspace,
+)
+from tests.flows.custom_domain_support import dns_settings, project  # noqa: F401 (fixtures)
 from tests.support.worker_process import WorkerProcess
 
 

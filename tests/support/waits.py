@@ -4,9 +4,11 @@ executions, reading a run back, and seeing a MariaDB transaction wait on a row l
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -60,16 +62,46 @@ def state_names(flow_run_id: UUID) -> list[str]:
     return asyncio.run(read())
 
 
-def row_lock_waits(url: str) -> int:
-    """How many MariaDB transactions wait on a row lock right now."""
+def row_lock_waits(url: str, table: str | None = None) -> int:
+    """How many transactions on ``url``'s database wait on a MariaDB row lock right now.
+
+    Only that database's connections count: parallel test sessions (pytest-xdist) each have
+    their own database on the same server, and another session's lock waits must not look
+    like this test's.
+
+    Args:
+        url: the database (its name is the connections' default database).
+        table: count only waits in a statement that names this table.
+    """
+    query = (
+        "SELECT COUNT(*) FROM information_schema.innodb_trx AS trx "
+        "JOIN information_schema.processlist AS connection "
+        "ON connection.id = trx.trx_mysql_thread_id "
+        "WHERE trx.trx_state = 'LOCK WAIT' AND connection.db = DATABASE()"
+    )
     engine = sa.create_engine(url)
     try:
         with engine.connect() as connection:
+            if table is None:
+                return int(connection.exec_driver_sql(query).scalar_one())
             return int(
                 connection.exec_driver_sql(
-                    "SELECT COUNT(*) FROM information_schema.innodb_trx "
-                    "WHERE trx_state = 'LOCK WAIT'"
+                    query + " AND trx.trx_query LIKE %s", (f"%{table}%",)
                 ).scalar_one()
             )
     finally:
         engine.dispose()
+
+
+def run_pid(state_dir: Path, flow_run_id: UUID, timeout: float = 30) -> int:
+    """The pid of the process running ``flow_run_id`` (from its local run record, which the
+    worker writes under ``<state dir>/runs``)."""
+    record = state_dir / "runs" / f"{flow_run_id}.json"
+
+    def pid() -> int | None:
+        try:
+            return int(json.loads(record.read_text())["pid"]) or None
+        except (FileNotFoundError, ValueError, KeyError):  # not (fully) written yet
+            return None
+
+    return int(wait_for(pid, timeout, f"the run record of {flow_run_id}"))

@@ -8,7 +8,6 @@ counted in the DB (``kernel_step_log``).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -21,22 +20,10 @@ from prefect.client.orchestration import get_client
 from prefect.states import Cancelling
 
 from tests.support.fixtures import step_log
-from tests.support.waits import flow_run, state_names, step_counts, wait_for
+from tests.support.waits import flow_run, run_pid, state_names, step_counts, wait_for
 from worker import client as worker_client
 
 pytestmark = pytest.mark.slow
-
-
-def _run_pid(state_dir: Path, flow_run_id: UUID) -> int:
-    """The pid of the process running ``flow_run_id`` (from its local run record)."""
-    record = state_dir / "runs" / f"{flow_run_id}.json"
-    return int(
-        wait_for(
-            lambda: record.exists() and json.loads(record.read_text())["pid"],
-            30,
-            f"the run record of {flow_run_id}",
-        )
-    )
 
 
 def _children_of(pid: int, needle: str) -> list[int]:
@@ -67,8 +54,8 @@ def test_sigkill_of_one_forked_run_leaves_its_siblings_running(
     sibling_id = _trigger("kernel_three_steps", tag=sibling, sleep_seconds=6)
     wait_for(lambda: "second" in step_counts(control_db, victim), 60, "the victim's second step")
     wait_for(lambda: "second" in step_counts(control_db, sibling), 60, "the sibling's second step")
-    victim_pid = _run_pid(prefect_api.state_dir, victim_id)
-    assert victim_pid != _run_pid(prefect_api.state_dir, sibling_id), "one process per run"
+    victim_pid = run_pid(prefect_api.state_dir, victim_id)
+    assert victim_pid != run_pid(prefect_api.state_dir, sibling_id), "one process per run"
     os.kill(victim_pid, signal.SIGKILL)
 
     assert asyncio.run(worker_client.wait_for_result(sibling_id, timeout=60))[-1] == "third-done"
@@ -122,7 +109,7 @@ def test_a_cancelled_run_is_killed_marked_cancelled_and_not_resumed(
     tag = f"cancel-{uuid.uuid4().hex[:6]}"
     run_id = _trigger("kernel_three_steps", tag=tag, sleep_seconds=30)
     wait_for(lambda: "second" in step_counts(control_db, tag), 60, "the second step")
-    pid = _run_pid(prefect_api.state_dir, run_id)
+    pid = run_pid(prefect_api.state_dir, run_id)
 
     async def cancel():
         async with get_client() as client:
@@ -151,7 +138,7 @@ def test_a_run_killed_past_the_resume_limit_runs_its_give_up_hook(
     tag = f"giveup-{uuid.uuid4().hex[:6]}"
     run_id = _trigger("kernel_give_up", tag=tag, sleep_seconds=30)
     wait_for(lambda: "second" in step_counts(control_db, tag), 60, "the body's step")
-    os.kill(_run_pid(prefect_api.state_dir, run_id), signal.SIGKILL)
+    os.kill(run_pid(prefect_api.state_dir, run_id), signal.SIGKILL)
 
     with pytest.raises(worker_client.FlowRunFailed, match="gave up after 1 attempts"):
         asyncio.run(worker_client.wait_for_result(run_id, timeout=90))

@@ -1,0 +1,1 @@
+"""Notifications to people: Slack incoming webhooks (``slack``)."""
