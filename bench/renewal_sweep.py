@@ -68,39 +68,20 @@ def _seed(url: str, domains: list[str], *, with_certificate: bool) -> str:
     """Custom domains (one workspace) with a challenge each: ``verified`` with an expiring
     certificate, or ``waiting``; returns the workspace id."""
     from tasks.db.engine import engine_for
-    from tasks.db.schema import acme_challenges, certificates, custom_domains
-    from worker.kernel.clock import new_dns_label, new_id, now_ms
+    from tasks.db.schema import certificates
+    from tests.support.certificate_seed import insert_domain
+    from worker.kernel.clock import new_id, now_ms
 
     workspace = new_id("ws")
     at = now_ms()
     with engine_for(url).begin() as connection:
         for domain in domains:
-            domain_id = new_id("cd")
-            connection.execute(
-                sa.insert(custom_domains).values(
-                    id=domain_id,
-                    workspace_id=workspace,
-                    project_id="proj_bench",
-                    environment_id="env_bench",
-                    domain=domain,
-                    challenge_type="HTTP-01",
-                    verification_status="verified",
-                    verification_token=new_id("tok"),
-                    target_cname=f"{new_dns_label(16)}.cname.test",
-                    created_at=at,
-                )
-            )
-            connection.execute(
-                sa.insert(acme_challenges).values(
-                    domain_id=domain_id,
-                    workspace_id=workspace,
-                    token="",
-                    challenge_type="HTTP-01",
-                    authorization="",
-                    status="verified" if with_certificate else "waiting",
-                    expires_at=at,
-                    created_at=at,
-                )
+            insert_domain(
+                connection,
+                domain,
+                workspace_id=workspace,
+                status="verified" if with_certificate else "waiting",
+                expires_at=at,
             )
             if with_certificate:
                 connection.execute(

@@ -25,9 +25,10 @@ from tasks.db.schema import (
 from tests.support.acme_servers import Challtestsrv
 from tests.support.deploy_seed import DeploySeed, cleanup_deploy, seed_deploy
 from tests.support.fixtures import PrefectApi
+from tests.support.settings import changed_settings
 from tests.support.waits import wait_for
 from worker.kernel.clock import new_dns_label, new_id, now_ms
-from worker.settings import Settings, use_settings, worker_settings
+from worker.settings import Settings
 
 CNAME_DOMAIN = "cname.example.test"
 
@@ -43,21 +44,14 @@ class Project:
 @pytest.fixture
 def dns_settings(control_db: str, challtestsrv: Challtestsrv) -> Iterator[Settings]:
     """This process's settings: DNS on challtestsrv, fast checks, a 3 s verification."""
-    previous = worker_settings()
-    settings = previous.model_copy(
-        update={
-            "dns_nameservers": [challtestsrv.dns_address],
-            "cname_domain": CNAME_DOMAIN,
-            "custom_domain_check_seconds": 0.2,
-            "custom_domain_verify_timeout_seconds": 3.0,
-            "acme_enabled": False,
-        }
-    )
-    use_settings(settings)
-    try:
+    with changed_settings(
+        dns_nameservers=[challtestsrv.dns_address],
+        cname_domain=CNAME_DOMAIN,
+        custom_domain_check_seconds=0.2,
+        custom_domain_verify_timeout_seconds=3.0,
+        acme_enabled=False,
+    ) as settings:
         yield settings
-    finally:
-        use_settings(previous)
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from tests.support.settings import changed_settings
 from worker.dataplane import LocalDataPlane
-from worker.settings import Settings, use_settings, worker_settings
+from worker.settings import Settings
 
 __all__ = ["deploy_settings", "running_dataplane"]
 
@@ -42,12 +43,6 @@ def running_dataplane(
 @contextmanager
 def deploy_settings(**changes: Any) -> Iterator[Settings]:
     """This process's settings with fast deploy polling (and ``changes``) for the block."""
-    previous = worker_settings()
-    updated = previous.model_copy(
-        update={"deploy_poll_seconds": 0.05, "default_domain": "unkey.test", **changes}
-    )
-    use_settings(updated)
-    try:
+    update = {"deploy_poll_seconds": 0.05, "default_domain": "unkey.test", **changes}
+    with changed_settings(**update) as updated:
         yield updated
-    finally:
-        use_settings(previous)

@@ -36,9 +36,10 @@ from tests.support.certificate_seed import (
 )
 from tests.support.fixtures import PrefectApi
 from tests.support.processes import ReadyProcess
+from tests.support.settings import changed_settings
 from worker.kernel.clock import new_dns_label
 from worker.kernel.errors import ConflictError, InvalidParameterError, RefusedError
-from worker.settings import Settings, use_settings, worker_settings
+from worker.settings import Settings, use_settings
 
 pytestmark = [pytest.mark.mysql, pytest.mark.usefixtures("fast_acme_polls")]
 
@@ -49,20 +50,8 @@ assert len(LONG_NAME) == 254
 @pytest.fixture
 def acme_settings(control_db: str, pebble: Pebble) -> Iterator[Settings]:
     """The session's settings with ACME on pebble (the local vault), installed for the test."""
-    previous = worker_settings()
-    settings = previous.model_copy(
-        update={
-            "acme_enabled": True,
-            "acme_directory_url": pebble.directory_url,
-            "acme_ca_bundle": pebble.ca_bundle,
-            "acme_email_domain": "example.test",
-        }
-    )
-    use_settings(settings)
-    try:
+    with changed_settings(**pebble.settings_update()) as settings:
         yield settings
-    finally:
-        use_settings(previous)
 
 
 @pytest.fixture

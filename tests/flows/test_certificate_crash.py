@@ -21,8 +21,8 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -39,23 +39,13 @@ from tests.support.certificate_seed import (
 )
 from tests.support.challenge_gate import ChallengeGate, challenge_gate
 from tests.support.fixtures import PrefectApi
-from tests.support.waits import flow_run, row_lock_waits, run_pid, wait_for
+from tests.support.waits import flow_run, holding_row_lock, row_lock_waits, run_pid, wait_for
 from tests.support.worker_process import WorkerProcess
 from worker import client as worker_client
 from worker.kernel.clock import new_dns_label
 from worker.local_server import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.mysql]
-
-
-def _acme_env(pebble: Pebble) -> dict[str, str]:
-    """The worker's (and its flow-run processes') ACME settings: pebble, trusted."""
-    return {
-        "UNKEY_ACME_ENABLED": "true",
-        "UNKEY_ACME_DIRECTORY_URL": pebble.directory_url,
-        "UNKEY_ACME_CA_BUNDLE": str(pebble.ca_bundle),
-        "UNKEY_ACME_EMAIL_DOMAIN": "example.test",
-    }
 
 
 def _orders_placed(pebble: Pebble) -> int:
@@ -71,22 +61,11 @@ def _kill_worker_and_run(worker: WorkerProcess, state_dir: Path, run_id: UUID) -
         os.kill(pid, signal.SIGKILL)
 
 
-@contextmanager
-def _holding_certificate_slot(url: str, hostname: str) -> Iterator[None]:
+def _holding_certificate_slot(url: str, hostname: str) -> Any:
     """Hold the lock an INSERT of ``hostname`` into ``certificates`` waits on, until the
     block ends (REPEATABLE READ: the absent row's gap on the unique hostname index)."""
-    engine = sa.create_engine(url, isolation_level="REPEATABLE READ")
-    connection = engine.connect()
-    transaction = connection.begin()
-    connection.execute(
-        sa.select(certificates).where(certificates.c.hostname == hostname).with_for_update()
-    )
-    try:
-        yield
-    finally:
-        transaction.rollback()
-        connection.close()
-        engine.dispose()
+    query = sa.select(certificates).where(certificates.c.hostname == hostname)
+    return holding_row_lock(url, query, isolation_level="REPEATABLE READ")
 
 
 @pytest.fixture
@@ -128,7 +107,7 @@ def _issue_killed_at(
         _holding_certificate_slot(seed.url, seed.domain) if at_write else contextlib.nullcontext()
     )
     with blocker:
-        first = worker_factory(**_acme_env(pebble))
+        first = worker_factory(**pebble.worker_env())
         run_id = UUID(
             str(asyncio.run(worker_client.process_challenge(seed.workspace_id, seed.domain)))
         )
@@ -163,7 +142,7 @@ def test_issuance_killed_mid_way_resumes_to_one_certificate_and_one_order(
     assert _orders_placed(pebble) == orders_before + 1
     assert certificate_rows(domain) == []
 
-    worker_factory(**_acme_env(pebble))
+    worker_factory(**pebble.worker_env())
     result = asyncio.run(worker_client.wait_for_result(run_id, timeout=180))
 
     (row,) = certificate_rows(domain)

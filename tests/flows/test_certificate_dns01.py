@@ -38,10 +38,11 @@ from tests.support.certificate_seed import (
     seeded_domain,
 )
 from tests.support.moto_auth import moto_with_auth
-from tests.support.route53_bridge import route53_bridge
+from tests.support.route53_bridge import drop_hosted_zone, route53_bridge
+from tests.support.settings import installed_settings
 from worker.kernel.clock import new_dns_label
 from worker.kernel.errors import RefusedError
-from worker.settings import Settings, use_settings, worker_settings
+from worker.settings import Settings, worker_settings
 
 pytestmark = [pytest.mark.mysql, pytest.mark.usefixtures("fast_acme_polls")]
 
@@ -84,17 +85,7 @@ def _hosted_zone(endpoint: str, key: str = "test", secret: str = SECRET) -> Iter
     try:
         yield Zone(endpoint, zone_id, apex, key, secret)
     finally:
-        records = client.list_resource_record_sets(HostedZoneId=zone_id)["ResourceRecordSets"]
-        changes = [
-            {"Action": "DELETE", "ResourceRecordSet": rrset}
-            for rrset in records
-            if rrset["Type"] not in ("NS", "SOA")
-        ]
-        if changes:
-            client.change_resource_record_sets(
-                HostedZoneId=zone_id, ChangeBatch={"Changes": changes}
-            )
-        client.delete_hosted_zone(Id=zone_id)
+        drop_hosted_zone(client, zone_id)
 
 
 def _dns01_settings(zone: Zone, pebble: Pebble, dns: Challtestsrv) -> Settings:
@@ -113,16 +104,6 @@ def _dns01_settings(zone: Zone, pebble: Pebble, dns: Challtestsrv) -> Settings:
             "dns_nameservers": [dns.dns_address],
         }
     )
-
-
-@contextmanager
-def _installed(settings: Settings) -> Iterator[Settings]:
-    previous = worker_settings()
-    use_settings(settings)
-    try:
-        yield settings
-    finally:
-        use_settings(previous)
 
 
 @pytest.fixture
@@ -169,7 +150,7 @@ def test_wildcard_issuance_over_dns01_through_route53(
     to pebble's root, the challenge is `verified`; afterwards the value is gone from Route53
     and, because it left Route53, from DNS too."""
     with (
-        _installed(_dns01_settings(zone, pebble, challtestsrv)) as settings,
+        installed_settings(_dns01_settings(zone, pebble, challtestsrv)) as settings,
         route53_bridge(zone.endpoint, zone.zone_id, challtestsrv, secret=SECRET) as bridge,
     ):
         result = asyncio.run(_issue(wildcard))
@@ -211,7 +192,7 @@ def test_refused_route53_credentials_fail_at_once_with_the_challenge_failed(
         refused = Zone(moto.url, f"Z{new_dns_label(12).upper()}", apex, moto.key_id, SECRET)
         with (
             seeded_domain(control_db, f"*.{apex}", challenge_type="DNS-01") as seed,
-            _installed(_dns01_settings(refused, pebble, challtestsrv)),
+            installed_settings(_dns01_settings(refused, pebble, challtestsrv)),
         ):
             error = fails_at_once(
                 RefusedError, process_challenge, workspace_id=seed.workspace_id, domain=seed.domain

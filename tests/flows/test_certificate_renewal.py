@@ -14,7 +14,6 @@ import base64
 import datetime
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -41,15 +40,17 @@ from tasks.db.certificates import (
     mark_challenge_verified,
 )
 from tasks.db.engine import engine_for
-from tasks.db.schema import acme_challenge_failures, acme_challenges, certificates, custom_domains
+from tasks.db.schema import acme_challenge_failures, acme_challenges, certificates
 from tests.flows.helpers import fails_at_once
 from tests.support.acme_servers import Pebble, start_acme_responder
+from tests.support.certificate_seed import SeededDomain, insert_domain, remove_domains
 from tests.support.fixtures import PrefectApi
+from tests.support.settings import changed_settings
 from tests.support.worker_process import WorkerProcess
 from worker.certificate_metrics import CertificateCollector
 from worker.kernel.clock import new_dns_label, new_id, now_ms
 from worker.kernel.steps import durable_call
-from worker.settings import Settings, use_settings, worker_settings
+from worker.settings import Settings, use_settings
 
 pytestmark = pytest.mark.mysql
 
@@ -57,14 +58,7 @@ HOUR_MS = 3_600_000
 DAY = datetime.timedelta(days=1)
 
 
-@dataclass(frozen=True)
-class Domain:
-    """A seeded custom domain with an HTTP-01 challenge."""
-
-    url: str
-    workspace_id: str
-    domain_id: str
-    domain: str
+Domain = SeededDomain
 
 
 @pytest.fixture(autouse=True)
@@ -91,10 +85,7 @@ def acme_worker(
         control_db,
         prefect_api.state_dir,
         directory / "worker.log",
-        UNKEY_ACME_ENABLED="true",
-        UNKEY_ACME_DIRECTORY_URL=pebble.directory_url,
-        UNKEY_ACME_CA_BUNDLE=str(pebble.ca_bundle),
-        UNKEY_ACME_EMAIL_DOMAIN="example.test",
+        **pebble.worker_env(),
         UNKEY_WORKER_LIMIT="12",
     )
     try:
@@ -107,21 +98,9 @@ def acme_worker(
 @pytest.fixture
 def settings(control_db: str, pebble: Pebble) -> Iterator[Settings]:
     """This process's settings with ACME on pebble (where the in-process sweep runs)."""
-    previous = worker_settings()
-    installed = previous.model_copy(
-        update={
-            "acme_enabled": True,
-            "acme_directory_url": pebble.directory_url,
-            "acme_ca_bundle": pebble.ca_bundle,
-            "acme_email_domain": "example.test",
-        }
-    )
-    use_settings(installed)
-    asyncio.run(ensure_account(installed))  # registered at pebble once, as the worker sees it
-    try:
+    with changed_settings(**pebble.settings_update()) as installed:
+        asyncio.run(ensure_account(installed))  # registered at pebble once, as the worker sees it
         yield installed
-    finally:
-        use_settings(previous)
 
 
 class Seeder:
@@ -133,39 +112,12 @@ class Seeder:
 
     def add(self, status: str = "waiting", name: str | None = None) -> Domain:
         """A new domain (``renew-<random>.example.test`` unless ``name``) and its challenge."""
-        seed = Domain(
-            self.url,
-            new_id("ws"),
-            new_id("cd"),
-            name or f"renew-{new_dns_label(10)}.example.test",
-        )
-        at = now_ms()
         with engine_for(self.url).begin() as connection:
-            connection.execute(
-                sa.insert(custom_domains).values(
-                    id=seed.domain_id,
-                    workspace_id=seed.workspace_id,
-                    project_id=new_id("proj"),
-                    environment_id=new_id("env"),
-                    domain=seed.domain,
-                    challenge_type="HTTP-01",
-                    verification_status="verified",
-                    verification_token=new_id("tok"),
-                    target_cname=f"{new_dns_label(16)}.cname.test",
-                    created_at=at,
-                )
-            )
-            connection.execute(
-                sa.insert(acme_challenges).values(
-                    domain_id=seed.domain_id,
-                    workspace_id=seed.workspace_id,
-                    token="",
-                    challenge_type="HTTP-01",
-                    authorization="",
-                    status=status,
-                    expires_at=0,
-                    created_at=at,
-                )
+            seed = insert_domain(
+                connection,
+                name or f"renew-{new_dns_label(10)}.example.test",
+                url=self.url,
+                status=status,
             )
         self.made.append(seed)
         return seed
@@ -176,16 +128,7 @@ def domains(control_db: str) -> Iterator[Seeder]:
     """The test's domains; all their rows removed afterwards."""
     seeder = Seeder(control_db)
     yield seeder
-    with engine_for(control_db).begin() as connection:
-        for seed in seeder.made:
-            connection.execute(
-                sa.delete(certificates).where(certificates.c.hostname == seed.domain)
-            )
-            for table in (acme_challenges, acme_challenge_failures):
-                connection.execute(sa.delete(table).where(table.c.domain_id == seed.domain_id))
-            connection.execute(
-                sa.delete(custom_domains).where(custom_domains.c.id == seed.domain_id)
-            )
+    remove_domains(control_db, seeder.made)
 
 
 def _set_failed(seed: Domain, failures: int, ago_ms: int) -> None:

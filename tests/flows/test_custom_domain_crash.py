@@ -5,10 +5,10 @@ challenge, one route)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 from collections.abc import Callable
+from uuid import UUID
 
 import pytest
 import sqlalchemy as sa
@@ -29,7 +29,7 @@ from tests.flows.custom_domain_support import (
 )
 from tests.support.acme_servers import Challtestsrv
 from tests.support.fixtures import PrefectApi
-from tests.support.waits import row_lock_waits, wait_for
+from tests.support.waits import holding_row_lock, row_lock_waits, run_pid, wait_for
 from tests.support.worker_process import WorkerProcess
 from worker import client as worker_client
 from worker.kernel.sleep import SLEEPING
@@ -65,27 +65,17 @@ def test_a_verification_killed_mid_check_resumes_and_verifies_once(
     domain_when(url, domain, lambda r: r.check_attempts >= 1, 60, "a first failed check")
     wait_for(lambda: flow_run_state(run_id) == ("SCHEDULED", SLEEPING), 30, "the run to sleep")
 
-    engine = sa.create_engine(url)
-    connection = engine.connect()
-    transaction = connection.begin()
-    try:
-        connection.execute(
-            sa.select(custom_domains).where(custom_domains.c.domain == domain).with_for_update()
-        )
+    locked = sa.select(custom_domains).where(custom_domains.c.domain == domain)
+    with holding_row_lock(url, locked):
         publish(challtestsrv, values)
         wait_for(
             lambda: row_lock_waits(url, "custom_domains") > 0,
             60,
             "the next check to block on the row",
         )
-        record = prefect_api.state_dir / "runs" / f"{run_id}.json"
-        pid = int(json.loads(record.read_text())["pid"])
+        pid = run_pid(prefect_api.state_dir, UUID(run_id))
         first.kill()
         os.kill(pid, signal.SIGKILL)
-    finally:
-        transaction.rollback()
-        connection.close()
-        engine.dispose()
 
     try:
         worker_factory(**_env(challtestsrv))

@@ -40,7 +40,7 @@ from tests.support.deploy_seed import (
     topologies_of,
 )
 from tests.support.seed import new_id
-from tests.support.waits import row_lock_waits, run_pid, wait_for
+from tests.support.waits import holding_row_lock, row_lock_waits, run_pid, wait_for
 from worker import client as worker_client
 from worker.kernel.clock import now_ms
 
@@ -69,21 +69,6 @@ def _seed_with_sticky_route(url: str) -> tuple[DeploySeed, str]:
     return seed, route_id
 
 
-@contextmanager
-def _holding(url: str, query: Callable[[DeploySeed, str], Any], seed: DeploySeed, route: str):
-    """Hold a row lock (``SELECT ... FOR UPDATE``) until the block ends."""
-    engine = sa.create_engine(url)
-    connection = engine.connect()
-    transaction = connection.begin()
-    connection.execute(query(seed, route).with_for_update())
-    try:
-        yield
-    finally:
-        transaction.rollback()
-        connection.close()
-        engine.dispose()
-
-
 BLOCKERS: dict[str, Callable[[DeploySeed, str], Any] | None] = {
     # find workspace: the namespace is written while the workspace row is locked
     "workspace": lambda s, r: sa.select(workspaces).where(workspaces.c.id == s.workspace_id),
@@ -104,7 +89,7 @@ def _kill_at(seed: DeploySeed, route: str, blocker: str, prefect_api, worker_fac
     """Start a deploy on a worker, let it reach ``blocker``, SIGKILL worker and run."""
     url = seed.url
     query = BLOCKERS[blocker]
-    holding = _holding(url, query, seed, route) if query else _nothing()
+    holding = holding_row_lock(url, query(seed, route)) if query else _nothing()
     # The instances are reported except when the wait itself is the boundary.
     plane = running_dataplane(url, seed.regions) if query else _nothing()
     with holding, plane:

@@ -184,6 +184,24 @@ class Pebble:
         response.raise_for_status()
         return response.text
 
+    def worker_env(self) -> dict[str, str]:
+        """A worker's (and its flow-run processes') ACME settings: this pebble, trusted."""
+        return {
+            "UNKEY_ACME_ENABLED": "true",
+            "UNKEY_ACME_DIRECTORY_URL": self.directory_url,
+            "UNKEY_ACME_CA_BUNDLE": str(self.ca_bundle),
+            "UNKEY_ACME_EMAIL_DOMAIN": "example.test",
+        }
+
+    def settings_update(self) -> dict[str, Any]:
+        """The same as ``worker_env``, as ``Settings`` fields (for ``model_copy(update=…)``)."""
+        return {
+            "acme_enabled": True,
+            "acme_directory_url": self.directory_url,
+            "acme_ca_bundle": self.ca_bundle,
+            "acme_email_domain": "example.test",
+        }
+
     def ready(self) -> bool:
         """True when its ACME directory answers 200."""
         return httpx.get(self.directory_url, verify=self.ssl_context(), timeout=1.0).is_success

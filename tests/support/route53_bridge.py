@@ -21,10 +21,24 @@ import boto3
 
 from tests.support.acme_servers import Challtestsrv
 
-__all__ = ["Route53Bridge", "route53_bridge"]
+__all__ = ["Route53Bridge", "drop_hosted_zone", "route53_bridge"]
 
 _POLL_SECONDS = 0.1
 _CHUNK = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def drop_hosted_zone(client: Any, zone_id: str) -> None:
+    """Delete a hosted zone and its record sets (Route53 refuses to delete a zone that has
+    any besides its NS and SOA)."""
+    records = client.list_resource_record_sets(HostedZoneId=zone_id)["ResourceRecordSets"]
+    changes = [
+        {"Action": "DELETE", "ResourceRecordSet": rrset}
+        for rrset in records
+        if rrset["Type"] not in ("NS", "SOA")
+    ]
+    if changes:
+        client.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})
+    client.delete_hosted_zone(Id=zone_id)
 
 
 def _text(value: str) -> str:

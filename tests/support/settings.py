@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import worker.settings as settings_module
-from worker.settings import Settings, use_settings
+from worker.settings import Settings, use_settings, worker_settings
 
-__all__ = ["installed_settings"]
+__all__ = ["changed_settings", "installed_settings"]
 
 
 @contextmanager
@@ -22,3 +23,10 @@ def installed_settings(settings: Settings) -> Iterator[Settings]:
         yield settings
     finally:
         use_settings(previous)
+
+
+@contextmanager
+def changed_settings(**update: Any) -> Iterator[Settings]:
+    """This process's current worker settings with ``update`` applied, inside the block."""
+    with installed_settings(worker_settings().model_copy(update=update)) as settings:
+        yield settings

@@ -1,5 +1,6 @@
 """What tests that drive real workers share: waiting for a condition, counting step
-executions, reading a run back, and seeing a MariaDB transaction wait on a row lock."""
+executions, reading a run back, holding a MariaDB row lock and seeing a transaction wait on
+one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
@@ -60,6 +62,30 @@ def state_names(flow_run_id: UUID) -> list[str]:
         return [s.name or "" for s in sorted(states, key=lambda s: s.timestamp)]
 
     return asyncio.run(read())
+
+
+@contextmanager
+def holding_row_lock(url: str, query: Any, isolation_level: str | None = None) -> Iterator[None]:
+    """Run ``query`` (a SELECT) ``FOR UPDATE`` in a transaction held until the block ends, so
+    a worker's write to those rows (or, under REPEATABLE READ, into an absent row's gap)
+    blocks there; rolled back after.
+
+    Args:
+        url: the MariaDB database.
+        query: the rows to lock.
+        isolation_level: e.g. ``"REPEATABLE READ"`` to lock a gap; default: the engine's.
+    """
+    options = {} if isolation_level is None else {"isolation_level": isolation_level}
+    engine = sa.create_engine(url, **options)
+    connection = engine.connect()
+    transaction = connection.begin()
+    try:
+        connection.execute(query.with_for_update())
+        yield
+    finally:
+        transaction.rollback()
+        connection.close()
+        engine.dispose()
 
 
 def row_lock_waits(url: str, table: str | None = None) -> int:

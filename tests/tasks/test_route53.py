@@ -18,6 +18,7 @@ import pytest
 
 from tasks import route53
 from tests.support.moto_auth import AuthMoto, moto_with_auth
+from tests.support.route53_bridge import drop_hosted_zone
 from worker.kernel.errors import NotFoundError, RefusedError, RetryableError, TerminalError
 from worker.local_server import free_port
 from worker.settings import Settings
@@ -59,17 +60,7 @@ def zones(s3_endpoint: str) -> Iterator[Any]:
 
     yield create
     for zone_id in created:
-        records = client.list_resource_record_sets(HostedZoneId=zone_id)["ResourceRecordSets"]
-        changes = [
-            {"Action": "DELETE", "ResourceRecordSet": rrset}
-            for rrset in records
-            if rrset["Type"] not in ("NS", "SOA")
-        ]
-        if changes:
-            client.change_resource_record_sets(
-                HostedZoneId=zone_id, ChangeBatch={"Changes": changes}
-            )
-        client.delete_hosted_zone(Id=zone_id)
+        drop_hosted_zone(client, zone_id)
 
 
 @pytest.fixture
