@@ -3,7 +3,7 @@
 Each benchmark starts (and stops) its own Prefect server, MariaDB database and, where it needs
 one, worker; running them in sequence keeps them from competing for the 2 cores.
 
-    python -m bench                        # all five, default sizes
+    python -m bench                        # all of them, default sizes
     python -m bench key_lock versions=500  # a selection; name=size overrides a size
 
 Prints every benchmark's output as it comes, then the result lines together. Exits 1 if a
@@ -18,7 +18,17 @@ import time
 
 from bench.common import REPO
 
-BENCHMARKS = ("step_overhead", "key_lock", "key_handoff", "dispatch", "versions", "deploy_latency")
+BENCHMARKS = (
+    "step_overhead",
+    "key_lock",
+    "key_handoff",
+    "dispatch",
+    "versions",
+    "deploy_latency",
+    "key_refill",
+    "renewal_sweep",
+    "quota_check",
+)
 
 
 def _selection(args: list[str]) -> list[tuple[str, str | None]]:
