@@ -3,7 +3,7 @@
 Usage = billable verifications + billable ratelimits of the year and month (both
 SummingMergeTree tables, so rows of one key are summed). As the original, one query asks for
 every workspace at or above the 150 000 floor (below it a workspace is never flagged), once
-per check, in one durable step: the check pages through the workspaces against that answer.
+per check, in one durable step: the check then reads those workspaces' quotas page by page.
 """
 
 from __future__ import annotations

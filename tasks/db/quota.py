@@ -1,9 +1,10 @@
 """The control-plane side of the quota check (reference §9): workspaces with their quota, paged
 by primary key, and the notification state of a billing period (``quota_notifications``).
 
-The check reads a page of workspaces in one query (``list_quota_workspaces``), the state of all
-the page's exceeded workspaces in another (``read_notifications``), and, without Slack, records
-their notifications in one transaction (``record_notified_many``).
+The check counts the workspaces (``count_workspaces``), reads those whose usage is over the
+floor with their quota, a page of them at a time (``read_quota_workspaces``, one query per 1000
+ids), the state of a page's exceeded ones in one query (``read_notifications``), and, without
+Slack, records their notifications in one transaction (``record_notified_many``).
 
 Notification state, one row per (billing period, workspace):
 
@@ -37,16 +38,17 @@ __all__ = [
     "QuotaWorkspace",
     "abort_sending",
     "begin_sending",
+    "count_workspaces",
     "finish_sending",
-    "list_quota_workspaces",
     "read_notification",
     "read_notifications",
+    "read_quota_workspaces",
     "record_notified",
     "record_notified_many",
     "settle_in_doubt",
 ]
 
-WORKSPACE_PAGE_SIZE = 10_000
+WORKSPACE_PAGE_SIZE = 5_000  # workspaces with usage over the floor per step of the check
 _IN_CHUNK = 1_000  # ids per IN (...) list
 
 
@@ -68,40 +70,62 @@ class NotificationState(TypedDict):
     notifications: int
 
 
-def list_quota_workspaces(after_pk: int, limit: int = WORKSPACE_PAGE_SIZE) -> list[QuotaWorkspace]:
-    """The next page of workspaces (not deleted) after ``after_pk``, with their quota."""
+def count_workspaces() -> int:
+    """How many workspaces there are (not deleted): the ones a check looks at."""
     with control_plane_transaction() as connection:
-        rows = connection.execute(
-            select(
-                workspaces.c.pk,
-                workspaces.c.id,
-                workspaces.c.org_id,
-                workspaces.c.name,
-                workspaces.c.stripe_customer_id,
-                workspaces.c.tier,
-                workspaces.c.enabled,
-                quota.c.requests_per_month,
-            )
-            .select_from(workspaces.outerjoin(quota, quota.c.workspace_id == workspaces.c.id))
-            .where(workspaces.c.pk > after_pk, workspaces.c.deleted_at_m.is_(None))
-            .order_by(workspaces.c.pk)
-            .limit(limit)
+        return int(
+            connection.execute(
+                select(func.count())
+                .select_from(workspaces)
+                .where(workspaces.c.deleted_at_m.is_(None))
+            ).scalar_one()
         )
-        return [
-            QuotaWorkspace(
-                pk=int(row.pk),
-                id=row.id,
-                org_id=row.org_id,
-                name=row.name,
-                stripe_customer_id=row.stripe_customer_id or "",
-                tier=row.tier or "",
-                enabled=bool(row.enabled),
-                requests_per_month=(
-                    None if row.requests_per_month is None else int(row.requests_per_month)
-                ),
+
+
+def read_quota_workspaces(workspace_ids: Sequence[str]) -> list[QuotaWorkspace]:
+    """Those of ``workspace_ids`` that exist (not deleted), with their quota (None: no quota
+    row), by primary key; one query per 1000 ids."""
+    found: list[QuotaWorkspace] = []
+    if not workspace_ids:
+        return found
+    with control_plane_transaction() as connection:
+        for chunk in _chunks(workspace_ids):
+            rows = connection.execute(
+                select(
+                    workspaces.c.pk,
+                    workspaces.c.id,
+                    workspaces.c.org_id,
+                    workspaces.c.name,
+                    workspaces.c.stripe_customer_id,
+                    workspaces.c.tier,
+                    workspaces.c.enabled,
+                    quota.c.requests_per_month,
+                )
+                .select_from(workspaces.outerjoin(quota, quota.c.workspace_id == workspaces.c.id))
+                .where(workspaces.c.id.in_(chunk), workspaces.c.deleted_at_m.is_(None))
             )
-            for row in rows
-        ]
+            found += [
+                QuotaWorkspace(
+                    pk=int(row.pk),
+                    id=row.id,
+                    org_id=row.org_id,
+                    name=row.name,
+                    stripe_customer_id=row.stripe_customer_id or "",
+                    tier=row.tier or "",
+                    enabled=bool(row.enabled),
+                    requests_per_month=(
+                        None if row.requests_per_month is None else int(row.requests_per_month)
+                    ),
+                )
+                for row in rows
+            ]
+    found.sort(key=lambda workspace: workspace["pk"])
+    return found
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[list[str]]:
+    for start in range(0, len(ids), _IN_CHUNK):
+        yield list(ids[start : start + _IN_CHUNK])
 
 
 def _key(period: str, workspace_id: str) -> Any:
@@ -135,11 +159,6 @@ def read_notification(period: str, workspace_id: str) -> NotificationState | Non
         sending_at=row.sending_at,
         notifications=int(row.notifications),
     )
-
-
-def _chunks(ids: Sequence[str]) -> Iterator[list[str]]:
-    for start in range(0, len(ids), _IN_CHUNK):
-        yield list(ids[start : start + _IN_CHUNK])
 
 
 def read_notifications(period: str, workspace_ids: Sequence[str]) -> dict[str, NotificationState]:
