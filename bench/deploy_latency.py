@@ -42,9 +42,9 @@ async def _timed(call: Callable[[], Awaitable[Any]]) -> float:
 def main() -> int:
     """Run the benchmark; returns the exit code."""
     size = size_arg(10)
-    quiet_prefect_console()
     print(f"# deploy_latency N={size}, load {load_average()}", flush=True)
     with bench_env() as env:
+        quiet_prefect_console()  # inside: Prefect must first see the bench server's URL
         from tasks.db.engine import engine_for
         from tasks.db.schema import environment_runtime_settings
         from tests.support.deploy_seed import cleanup_deploy, seed_deploy

@@ -292,10 +292,10 @@ def main() -> int:
     expected = _expected(size)
     for name in ("UNKEY_QUOTA_CHECK_SLACK_WEBHOOK_URL", "UNKEY_QUOTA_CHECK_HEARTBEAT_URL"):
         os.environ.pop(name, None)  # Slack off: the notifications are recorded, not sent
-    quiet_prefect_console()
     print(f"# quota_check N={size}, {len(expected)} exceeded, {load_average()}", flush=True)
     failures: list[str] = []
     with bench_env() as env, tempfile.TemporaryDirectory(prefix="ctrl-bench-chdb-") as tmp:
+        quiet_prefect_console()  # inside: Prefect must first see the bench server's URL
         directory = str(Path(tmp) / "analytics")
         started = time.perf_counter()
         _seed_mysql(env.database_url, size)

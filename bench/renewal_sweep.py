@@ -164,9 +164,9 @@ def _renewed(url: str, domains: list[str]) -> int:
 def main() -> int:
     """Run the benchmark; returns the exit code."""
     size = size_arg(200)
-    quiet_prefect_console()
     print(f"# renewal_sweep N={size} concurrency={CONCURRENCY}, {load_average()}", flush=True)
     with bench_env() as env, _acme(env) as (pebble, _responder):
+        quiet_prefect_console()  # inside: Prefect must first see the bench server's URL
         from worker.kernel.clock import new_dns_label
 
         due = [f"due-{i}-{new_dns_label(8)}.bench.test" for i in range(size)]
