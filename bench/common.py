@@ -25,9 +25,10 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.support.processes import ReadyProcess
 from worker import local_server
@@ -39,6 +40,7 @@ __all__ = [
     "BenchEnv",
     "CpuSampler",
     "ServedWorker",
+    "TimedCall",
     "bench_env",
     "count_api_retries",
     "describe",
@@ -54,6 +56,7 @@ __all__ = [
     "served_process",
     "served_worker",
     "size_arg",
+    "timed_call",
     "worker_env",
 ]
 
@@ -635,3 +638,39 @@ async def run_phases(flow_run_id: str) -> dict[str, float]:
         # The first time it entered each state (a resumed run enters some twice).
         phases.setdefault(state.type.value.lower(), state.timestamp.timestamp())
     return phases
+
+
+@dataclass
+class TimedCall:
+    """One service call through the Prefect API, trigger -> result.
+
+    Attributes:
+        wall: seconds from trigger to result.
+        result: the call's result.
+        phases: ``run_phases`` of its flow run.
+        task_runs: its task runs (steps), at most 200.
+    """
+
+    wall: float
+    result: Any
+    phases: dict[str, float]
+    task_runs: list[Any]
+
+
+async def timed_call(trigger: Awaitable[Any]) -> TimedCall:
+    """Await ``trigger`` (a ``worker.client`` call that returns the flow run id), wait for its
+    result and read back where its time went."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from worker import client
+
+    started = time.perf_counter()
+    run_id = await trigger
+    result = await client.wait_for_result(run_id)
+    wall = time.perf_counter() - started
+    async with client.connect() as api:
+        phases = await run_phases(str(run_id))
+        task_runs = await api.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200
+        )
+    return TimedCall(wall, result, phases, list(task_runs))

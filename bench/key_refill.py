@@ -34,9 +34,9 @@ from bench.common import (
     load_average,
     print_result,
     quiet_prefect_console,
-    run_phases,
     served_worker,
     size_arg,
+    timed_call,
 )
 
 DATE = "2026-12-02"  # day 2 of a 31-day month: daily keys and refill_day 2 are due
@@ -223,22 +223,12 @@ def _reference(env: BenchEnv) -> tuple[float, list[float]]:
 async def _ours(date: str) -> tuple[float, Any, dict[str, float], Counter[str]]:
     """One ``run_key_refill`` call: trigger -> Completed wall, its result, its phases, its
     task runs (steps) by name."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from worker import client
 
-    started = time.perf_counter()
-    run_id = await client.run_key_refill(date)
-    result = await client.wait_for_result(run_id)
-    wall = time.perf_counter() - started
-    async with client.connect() as api:
-        phases = await run_phases(str(run_id))
-        task_runs = await api.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200
-        )
+    call = await timed_call(client.run_key_refill(date))
     # Task run names: "<step>-<3 hex>", or the batches step's "refill keys after pk <n>".
-    names = (re.sub(r"-[0-9a-f]{3}$", "", run.name).split(" after ")[0] for run in task_runs)
-    return wall, result, phases, Counter(names)
+    names = (re.sub(r"-[0-9a-f]{3}$", "", run.name).split(" after ")[0] for run in call.task_runs)
+    return call.wall, call.result, call.phases, Counter(names)
 
 
 def _cpu(before: dict[str, float], after: dict[str, float]) -> str:

@@ -45,6 +45,7 @@ from bench.common import (
     quiet_prefect_console,
     served_worker,
     size_arg,
+    timed_call,
 )
 
 PERIOD = "2026-11"
@@ -253,22 +254,12 @@ def _forget_notifications(url: str) -> None:
 
 async def _check(billing_period: str) -> tuple[float, Any, str]:
     """One check, trigger -> result; also where its time went (phases, steps by name)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    from bench.common import run_phases
     from worker import client
 
-    started = time.perf_counter()
-    run_id = await client.run_quota_check(billing_period)
-    result = await client.wait_for_result(run_id)
-    wall = time.perf_counter() - started
-    async with client.connect() as api:
-        phases = await run_phases(str(run_id))
-        task_runs = await api.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200
-        )
+    call = await timed_call(client.run_quota_check(billing_period))
+    phases = call.phases
     steps: dict[str, list[float]] = {}
-    for run in task_runs:
+    for run in call.task_runs:
         if run.start_time is not None and run.end_time is not None:
             name = re.sub(r"(, page \d+|-[0-9a-f]{3})$", "", run.name)
             seconds = (run.end_time - run.start_time).total_seconds()
@@ -281,7 +272,7 @@ async def _check(billing_period: str) -> tuple[float, Any, str]:
     ) + ", ".join(
         f"{name} {len(times)}x {sum(times):.2f} s" for name, times in sorted(steps.items())
     )
-    return wall, result, detail
+    return call.wall, call.result, detail
 
 
 def main() -> int:
