@@ -58,9 +58,6 @@ HOUR_MS = 3_600_000
 DAY = datetime.timedelta(days=1)
 
 
-Domain = SeededDomain
-
-
 @pytest.fixture(autouse=True)
 def _fast_acme_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     """The library's finalization poll sleeps 1 s between polls; pebble answers at once (this
@@ -108,9 +105,9 @@ class Seeder:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.made: list[Domain] = []
+        self.made: list[SeededDomain] = []
 
-    def add(self, status: str = "waiting", name: str | None = None) -> Domain:
+    def add(self, status: str = "waiting", name: str | None = None) -> SeededDomain:
         """A new domain (``renew-<random>.example.test`` unless ``name``) and its challenge."""
         with engine_for(self.url).begin() as connection:
             seed = insert_domain(
@@ -131,7 +128,7 @@ def domains(control_db: str) -> Iterator[Seeder]:
     remove_domains(control_db, seeder.made)
 
 
-def _set_failed(seed: Domain, failures: int, ago_ms: int) -> None:
+def _set_failed(seed: SeededDomain, failures: int, ago_ms: int) -> None:
     with engine_for(seed.url).begin() as connection:
         connection.execute(
             sa.update(acme_challenges)
@@ -148,7 +145,7 @@ def _set_failed(seed: Domain, failures: int, ago_ms: int) -> None:
         )
 
 
-def _store_certificate(seed: Domain, chain_pem: str) -> str:
+def _store_certificate(seed: SeededDomain, chain_pem: str) -> str:
     certificate_id = new_id("cert")
     with engine_for(seed.url).begin() as connection:
         connection.execute(
@@ -189,14 +186,14 @@ def _self_signed(domain: str, not_before: datetime.datetime, days: int, serial: 
     return leaf.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def _certificate(seed: Domain) -> sa.Row | None:
+def _certificate(seed: SeededDomain) -> sa.Row | None:
     with engine_for(seed.url).connect() as connection:
         return connection.execute(
             sa.select(certificates).where(certificates.c.hostname == seed.domain)
         ).first()
 
 
-def _challenge(seed: Domain) -> tuple[str, int | None]:
+def _challenge(seed: SeededDomain) -> tuple[str, int | None]:
     with engine_for(seed.url).connect() as connection:
         row = connection.execute(
             sa.select(acme_challenges.c.status, acme_challenge_failures.c.failures)
@@ -209,7 +206,7 @@ def _challenge(seed: Domain) -> tuple[str, int | None]:
     return row.status, row.failures
 
 
-def _issue(seed: Domain) -> None:
+def _issue(seed: SeededDomain) -> None:
     asyncio.run(process_challenge(workspace_id=seed.workspace_id, domain=seed.domain))
 
 
@@ -224,7 +221,7 @@ def _sweep_at(monkeypatch: pytest.MonkeyPatch, at: datetime.datetime, **params: 
     return _sweep(**params)
 
 
-async def _runs_of(seeds: list[Domain]) -> list[Any]:
+async def _runs_of(seeds: list[SeededDomain]) -> list[Any]:
     """The ``process_challenge`` runs a sweep started for ``seeds`` (keyed ``renew-...``)."""
     names = [f"process-challenge-{seed.domain}" for seed in seeds]
     async with get_client() as client:
@@ -523,7 +520,7 @@ def test_metrics_collector_reports_a_seeded_certificate(
     assert sum(ids.count(_certificate_id(seed)) for ids in fetched) == 1
 
 
-def _certificate_id(seed: Domain) -> str:
+def _certificate_id(seed: SeededDomain) -> str:
     row = _certificate(seed)
     assert row is not None
     return str(row.id)
